@@ -1,0 +1,1 @@
+"""polars-llm: enrich Polars dataframes and Parquet files with LLM calls."""

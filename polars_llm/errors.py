@@ -1,0 +1,148 @@
+"""Errors raised by polars-llm.
+
+Every error says what went wrong and what to do about it. The tree::
+
+    PolarsLLMError
+    ├── ConfigError            bad settings or arguments (fix the call or the config)
+    │   └── TemplateError      a prompt template is malformed or names a missing column
+    ├── InputError             the input data or file cannot be used
+    ├── BatchAborted           a fatal error (bad key, unknown model) stopped the whole batch
+    ├── TooManyFailures        more rows failed than the caller allowed
+    └── RowError               why one row has no value (kept per row with on_error="null")
+        ├── RetryableError     worth another attempt
+        │   ├── RateLimited    HTTP 429
+        │   ├── ServerError    HTTP 5xx
+        │   ├── RequestTimeout the request took longer than the timeout
+        │   └── ConnectionFailed  the connection failed or was reset
+        ├── FatalError         the endpoint refused the request; retrying will not help
+        │   ├── AuthError      HTTP 401/403: the API key is missing or wrong
+        │   ├── ModelNotFound  HTTP 404: no such model or endpoint path
+        │   └── BadRequest     HTTP 400/413/422: this request is malformed or too long
+        └── ContentError       the endpoint answered, but the answer is not usable
+            ├── EmptyCompletion
+            ├── Truncated       finish_reason "length" while that is treated as an error
+            ├── SchemaMismatch  structured output that does not validate
+            └── LabelMismatch   a classification answer outside the label set
+"""
+
+from __future__ import annotations
+
+
+class PolarsLLMError(Exception):
+    """Base class of every error polars-llm raises."""
+
+
+class ConfigError(PolarsLLMError, ValueError):
+    """Settings or arguments that cannot work; the message says which and how to fix them."""
+
+
+class TemplateError(ConfigError):
+    """A prompt template is malformed or names a column that does not exist."""
+
+
+class InputError(PolarsLLMError):
+    """The input data or file cannot be used."""
+
+
+class BatchAborted(PolarsLLMError):
+    """A fatal error stopped the whole batch, so that it does not fail row by row."""
+
+    def __init__(self, message: str, cause: RowError | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class TooManyFailures(PolarsLLMError):
+    """More rows failed than the caller allowed."""
+
+    def __init__(self, message: str, failed: int, total: int) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.total = total
+
+
+class RowError(PolarsLLMError):
+    """Why one row has no value.
+
+    ``status`` is the HTTP status when there was one; ``raw`` keeps the text the model
+    returned when the problem is with its content.
+    """
+
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        raw: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.raw = raw
+
+    @property
+    def reason(self) -> str:
+        """A short stable name for reports: the class name."""
+        return type(self).__name__
+
+
+class RetryableError(RowError):
+    """An error worth another attempt after a pause."""
+
+    retryable = True
+
+
+class RateLimited(RetryableError):
+    """HTTP 429: the endpoint asks us to slow down."""
+
+
+class ServerError(RetryableError):
+    """HTTP 5xx: the endpoint failed."""
+
+
+class RequestTimeout(RetryableError):
+    """The request took longer than the timeout."""
+
+
+class ConnectionFailed(RetryableError):
+    """The connection could not be made or was reset."""
+
+
+class FatalError(RowError):
+    """The endpoint refused the request; the same request will be refused again."""
+
+
+class AuthError(FatalError):
+    """HTTP 401/403: the API key is missing, wrong or not allowed."""
+
+
+class ModelNotFound(FatalError):
+    """HTTP 404: the model or endpoint path does not exist."""
+
+
+class BadRequest(FatalError):
+    """HTTP 400/413/422: the endpoint rejected this particular request."""
+
+
+class ContentError(RowError):
+    """The endpoint answered, but the answer cannot be used."""
+
+
+class EmptyCompletion(ContentError):
+    """The model returned no text."""
+
+
+class Truncated(ContentError):
+    """The model stopped at max_tokens (finish_reason "length") and that was asked to be an error."""
+
+
+class SchemaMismatch(ContentError):
+    """Structured output that is not valid JSON for the schema."""
+
+
+class LabelMismatch(ContentError):
+    """A classification answer that is not one of the labels."""
