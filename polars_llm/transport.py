@@ -1,0 +1,211 @@
+"""HTTP to an OpenAI-compatible endpoint through the official SDK, with our own error types.
+
+One ``OpenAITransport`` per endpoint lives on the engine loop for the life of the process. The
+SDK's own retries are off (``max_retries=0``): the engine owns the retry policy, because the SDK
+gives up after about 1.5 s, far too soon for a 429 storm.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import httpx2
+import openai
+
+from .errors import (
+    AuthError,
+    BadRequest,
+    ConnectionFailed,
+    ModelNotFound,
+    RateLimited,
+    RequestTimeout,
+    RowError,
+    ServerError,
+)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a chat completion returned."""
+
+    text: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """What an embeddings call returned: one vector per input, in input order."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+class Transport(Protocol):
+    """Sends one request and returns its answer, or raises a ``RowError``."""
+
+    async def chat(self, body: Mapping[str, Any]) -> Completion: ...
+
+    async def embed(
+        self, model: str, inputs: Sequence[str], params: Mapping[str, Any]
+    ) -> Embeddings: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OpenAITransport:
+    """A long-lived ``AsyncOpenAI`` client (aiohttp backend) for one endpoint on one loop."""
+
+    def __init__(self, base_url: str, api_key: str, timeout: float, max_connections: int) -> None:
+        self.base_url = base_url
+        # Keep-alive connections must cover the concurrency, or every request beyond the pool
+        # pays for a new TCP connection.
+        limits = httpx2.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=httpx2.Timeout(timeout, connect=min(timeout, 10.0)),
+            http_client=openai.DefaultAioHttpClient(limits=limits),
+        )
+
+    async def chat(self, body: Mapping[str, Any]) -> Completion:
+        """One chat completion. The raw JSON is read directly: no model objects per answer."""
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**body)
+            data = json.loads(raw.content)
+        except openai.OpenAIError as e:
+            raise map_error(e, self.base_url) from e
+        except json.JSONDecodeError as e:
+            raise ServerError(f"the endpoint returned a body that is not JSON: {e}") from e
+        try:
+            choice = data["choices"][0]
+            text = choice["message"].get("content")
+            finish = choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
+            raise ServerError(f"the endpoint returned an unexpected body: {str(data)[:200]}") from e
+        usage = data.get("usage") or {}
+        return Completion(
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
+    async def embed(
+        self, model: str, inputs: Sequence[str], params: Mapping[str, Any]
+    ) -> Embeddings:
+        """Embeddings of several inputs in one request, in input order."""
+        try:
+            raw = await self._client.embeddings.with_raw_response.create(
+                model=model, input=list(inputs), encoding_format="float", **params
+            )
+            data = json.loads(raw.content)
+        except openai.OpenAIError as e:
+            raise map_error(e, self.base_url) from e
+        except json.JSONDecodeError as e:
+            raise ServerError(f"the endpoint returned a body that is not JSON: {e}") from e
+        items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
+        if len(items) != len(inputs):
+            raise ServerError(f"asked for {len(inputs)} embeddings, got {len(items)}")
+        usage = data.get("usage") or {}
+        return Embeddings(
+            vectors=[list(map(float, d["embedding"])) for d in items],
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
+    """Our error for an SDK error, with a message that says what to do."""
+    if isinstance(error, openai.APITimeoutError):
+        return RequestTimeout(f"no answer from {base_url} within the timeout")
+    if isinstance(error, openai.APIConnectionError):
+        cause = error.__cause__ or error.__context__
+        detail = f": {cause}" if cause else ""
+        return ConnectionFailed(f"connection to {base_url} failed{detail}")
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        detail = _error_detail(error)
+        headers = error.response.headers
+        if status == 429:
+            return RateLimited(
+                f"rate limited (429) by {base_url}: {detail}",
+                status=status,
+                retry_after=retry_after(headers),
+            )
+        if status in (401, 403):
+            return AuthError(
+                f"{base_url} refused the API key ({status}: {detail}). Set a valid key in "
+                "$OPENAI_API_KEY or pass api_key=, and check it may use this model.",
+                status=status,
+            )
+        if status == 404:
+            return ModelNotFound(
+                f"{base_url} answered 404 ({detail}). Check the model name and that base_url "
+                "ends with the API root (usually /v1).",
+                status=status,
+            )
+        if status in (408, 409) or status >= 500:
+            return ServerError(f"{base_url} failed ({status}: {detail})", status=status)
+        return BadRequest(f"{base_url} rejected the request ({status}: {detail})", status=status)
+    return RowError(f"unexpected error from the OpenAI client: {error}")
+
+
+def _error_detail(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and inner.get("message"):
+            return str(inner["message"])[:300]
+        if body.get("message"):
+            return str(body["message"])[:300]
+    return str(error.message)[:300]
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in an x-ratelimit-reset value such as ``"1s"``, ``"6m0s"`` or ``"120ms"``."""
+    parts = _DURATION.findall(text.strip())
+    if not parts:
+        return None
+    unit = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * unit[u] for n, u in parts)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds the endpoint asks us to wait, from retry-after-ms, retry-after or x-ratelimit-reset."""
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            if parsed is not None:
+                return max(0.0, parsed.timestamp() - time.time())
+    resets = [
+        parse_duration(headers[h])
+        for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+        if headers.get(h)
+    ]
+    resets = [r for r in resets if r is not None]
+    return max(resets) if resets else None
