@@ -15,6 +15,7 @@ from .errors import (
     TemplateError,
     TooManyFailures,
 )
+from .pipeline import Step, load_pipeline, pipeline, plan
 from .prompt import prompt
 from .settings import Settings, configure, get_settings
 
@@ -25,9 +26,13 @@ __all__ = [
     "PolarsLLMError",
     "RowError",
     "Settings",
+    "Step",
     "TemplateError",
     "TooManyFailures",
     "configure",
     "get_settings",
+    "load_pipeline",
+    "pipeline",
+    "plan",
     "prompt",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import random
 import sys
 import threading
@@ -20,7 +21,7 @@ import time
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import polars as pl
 
@@ -40,9 +41,10 @@ from .errors import (
     Truncated,
 )
 from .limiter import Limiter
+from .outputs import PostProcess, TextPost
 from .request import RequestTemplate
 from .settings import Endpoint, Settings
-from .transport import Completion, OpenAITransport, Transport
+from .transport import Completion, Embeddings, OpenAITransport, Transport
 
 # The embedded model's server decodes one request at a time; more in flight only queue there.
 LOCAL_CONCURRENCY = 2
@@ -53,41 +55,6 @@ LOCAL_KEY_ENDPOINT = "local:SmolLM2-135M-Instruct.Q4_1"
 # --------------------------------------------------------------------------------------------
 # What a call asks for, and what it got
 # --------------------------------------------------------------------------------------------
-class PostProcess(Protocol):
-    """Turns an answer's text into the column's value; part of the cache key."""
-
-    fingerprint: str | None
-    dtype: pl.DataType
-
-    def body_params(self) -> dict[str, Any]:
-        """Extra request-body fields (e.g. ``response_format``)."""
-        ...
-
-    def parse(self, text: str) -> Any:
-        """The value for the column; raises ``ContentError`` when the text is not usable."""
-        ...
-
-    def repair(self, text: str, error: ContentError) -> list[dict[str, str]] | None:
-        """Messages to append for another try after ``error``, or None to give up."""
-        ...
-
-
-class TextPost:
-    """Plain text answers."""
-
-    fingerprint: str | None = None
-    dtype: pl.DataType = pl.String()
-
-    def body_params(self) -> dict[str, Any]:
-        return {}
-
-    def parse(self, text: str) -> Any:
-        return text
-
-    def repair(self, text: str, error: ContentError) -> list[dict[str, str]] | None:
-        return None
-
-
 @dataclass(frozen=True)
 class CallSpec:
     """Everything an ``.llm`` expression fixes before it sees data."""
@@ -150,7 +117,8 @@ class EngineLoop:
         self._thread.start()
         # Owned by the loop thread only.
         self.transports: dict[tuple[str, str, float], Transport] = {}
-        self.limiters: dict[str, Limiter] = {}
+        # Per endpoint and model: providers set their limits per model.
+        self.limiters: dict[tuple[str, str], Limiter] = {}
         self.inflight: dict[str, asyncio.Future[Outcome]] = {}
         self.reached: set[str] = set()  # endpoints that answered at least once
         self._probes: dict[str, asyncio.Lock] = {}
@@ -192,13 +160,15 @@ class EngineLoop:
             lock = self._probes[base_url] = asyncio.Lock()
         return lock
 
-    def limiter(self, base_url: str, settings: Settings, local: bool) -> Limiter:
+    def limiter(self, base_url: str, model: str, settings: Settings, local: bool) -> Limiter:
+        """The limiter of an endpoint and model, created on first use, updated to ``settings``."""
         concurrency = (
             min(settings.concurrency, LOCAL_CONCURRENCY) if local else settings.concurrency
         )
-        limiter = self.limiters.get(base_url)
+        limiter = self.limiters.get((base_url, model))
         if limiter is None:
-            limiter = self.limiters[base_url] = Limiter(concurrency, settings.rpm, settings.tpm)
+            limiter = Limiter(concurrency, settings.rpm, settings.tpm)
+            self.limiters[(base_url, model)] = limiter
         else:
             limiter.configure(concurrency, settings.rpm, settings.tpm)
         return limiter
@@ -222,23 +192,29 @@ def engine_loop() -> EngineLoop:
 # A batch: what one call of the expression's function has to do
 # --------------------------------------------------------------------------------------------
 class Batch:
-    """The resolved context of a call: endpoint, template, cache, limiter and transport."""
+    """The resolved context of a call: endpoint, template, cache, limiter and transport.
 
-    def __init__(self, spec: CallSpec, kind: str = "chat") -> None:
+    Methods named ``*_async`` run on the engine loop; the others run on the caller's thread.
+    """
+
+    def __init__(self, spec: CallSpec, kind: str = "chat", *, connect: bool = True) -> None:
+        """Resolve settings and endpoint; ``connect=False`` (dry runs) never starts a server."""
         self.spec = spec
+        self.kind = kind
         self.settings = settings = spec.resolve_settings()
         self.endpoint = endpoint = settings.endpoint(spec.model)
         self.model = spec.model or settings.default_model(endpoint)
         if endpoint.local:
             from .local import ensure_local_server
 
-            self.base_url = ensure_local_server()
+            self.base_url = ensure_local_server() if connect else endpoint.base_url
             key_endpoint = LOCAL_KEY_ENDPOINT
         else:
             self.base_url = endpoint.base_url
             key_endpoint = endpoint.base_url
         params = {k: v for k, v in spec.params.items() if v is not None}
         params.update(spec.post.body_params())
+        self.params = params
         self.template = RequestTemplate(
             endpoint=key_endpoint,
             model=self.model,
@@ -251,8 +227,11 @@ class Batch:
         self.cache: ResultCache | None = open_cache(cache_dir) if cache_dir is not None else None
         self.progress = Progress()
         self._aborted: BatchAborted | None = None
+        self._memo: dict[str, Outcome] = {}
         self._max_tokens = int(params.get("max_tokens") or params.get("max_completion_tokens") or 0)
         self._system_tokens = estimate_tokens(spec.system or "")
+        self._transport: Transport | None = None
+        self._limiter: Limiter | None = None
 
     # -- the caller's side ---------------------------------------------------------------------
     def lookup(self, texts: Sequence[str]) -> tuple[list[str], list[Outcome | None]]:
@@ -260,124 +239,128 @@ class Batch:
         keys = [self.template.key(t) for t in texts]
         if self.cache is None:
             return keys, [None] * len(keys)
-        outcomes: list[Outcome | None] = []
-        parse = self.spec.post.parse
-        for hit in self.cache.get_many(keys):
-            if hit is None:
-                outcomes.append(None)
-                continue
-            try:
-                value = parse(hit["text"])
-            except (ContentError, KeyError, TypeError):
-                outcomes.append(None)  # an entry this version cannot read: ask again
-                continue
-            usage = hit.get("usage") or (0, 0)
-            outcomes.append(Outcome(value, None, True, int(usage[0]), int(usage[1])))
-        return keys, outcomes
+        return keys, [self.decode(hit) for hit in self.cache.get_many(keys)]
 
-    def run(self, texts: Sequence[str], keys: Sequence[str]) -> list[Outcome]:
-        """Send the texts (cache misses, deduplicated) and wait for every outcome."""
-        loop = engine_loop()
-        bar = _progress_bar(self.settings, len(texts))
-        if bar:
-            bar.batch = self
-        results = loop.run(self._run_all(texts, keys), on_wait=bar.update if bar else None)
-        if bar:
-            bar.update()
-            bar.close()
-        if self.cache is not None:
-            self.cache.flush()
+    def decode(self, hit: dict[str, Any] | None) -> Outcome | None:
+        """The outcome a cache entry stands for, or None for a miss or an unreadable entry."""
+        if hit is None:
+            return None
+        try:
+            value = self.spec.post.parse(hit["vector"] if self.kind == "embed" else hit["text"])
+        except (ContentError, KeyError, TypeError):
+            return None  # an entry this version cannot read: ask again
+        usage = hit.get("usage") or (0, 0)
+        return Outcome(value, None, True, int(usage[0]), int(usage[1]))
+
+    def run(self, coro: Awaitable[Any], total: int) -> Any:
+        """Run loop-side work with a progress bar, flush the cache, raise if the batch aborted."""
+        self.progress.total = total
+        bar = _progress_bar(self.settings, total, self.progress)
+        try:
+            result = engine_loop().run(coro, on_wait=bar.update if bar else None)
+        finally:
+            if bar:
+                bar.close()
+            if self.cache is not None:
+                self.cache.flush()
         if self._aborted is not None:
             raise self._aborted
-        return results
+        return result
 
     # -- the loop's side -----------------------------------------------------------------------
-    async def _run_all(self, texts: Sequence[str], keys: Sequence[str]) -> list[Outcome]:
-        loop = engine_loop()
-        local = self.endpoint.local
-        self._transport = loop.transport(self.endpoint, self.base_url, self.settings.timeout)
-        self._limiter = loop.limiter(self.base_url, self.settings, local)
-        self.progress.total = len(texts)
-        results: list[Outcome | None] = [None] * len(texts)
+    def bind(self) -> None:
+        """Attach this batch to the loop's transport and limiter (on the engine loop)."""
+        if self._transport is None:
+            loop = engine_loop()
+            self._transport = loop.transport(self.endpoint, self.base_url, self.settings.timeout)
+            self._limiter = loop.limiter(
+                self.base_url, self.model, self.settings, self.endpoint.local
+            )
+
+    async def complete_many_async(self, texts: Sequence[str], keys: Sequence[str]) -> list[Outcome]:
+        """Outcomes of many prompts, ``concurrency`` at a time."""
+        self.bind()
+        results: list[Outcome] = [Outcome()] * len(texts)
         indices = iter(range(len(texts)))
 
         async def worker() -> None:
             for i in indices:
-                if self._aborted is not None:
-                    results[i] = Outcome(error=self._aborted.cause)
-                    continue
-                results[i] = await self._single_flight(keys[i], texts[i])
+                results[i] = await self.complete_async(keys[i], texts[i])
 
-        workers = min(len(texts), self._limiter_width())
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        return [r if r is not None else Outcome(error=RowError("not run")) for r in results]
+        await asyncio.gather(*(worker() for _ in range(min(len(texts), self.width()))))
+        return results
 
-    def _limiter_width(self) -> int:
-        # Enough workers to fill the endpoint's concurrency; the limiter does the real gating.
+    def width(self) -> int:
+        """Workers per batch: enough to fill the concurrency; the limiter does the real gating."""
         return max(1, self.settings.concurrency)
 
-    async def _single_flight(self, key: str, text: str) -> Outcome:
-        inflight = engine_loop().inflight
-        pending = inflight.get(key)
-        if pending is not None:
-            outcome = await asyncio.shield(pending)
-            self._count(outcome)
-            return outcome
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        inflight[key] = fut
-        try:
-            outcome = await self._call(key, text)
-            fut.set_result(outcome)
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            inflight.pop(key, None)
+    async def complete_async(self, key: str, text: str) -> Outcome:
+        """One prompt's outcome: from this batch's memo, a request already in flight, or a call."""
+        self.bind()
+        outcome = self._memo.get(key)
+        if outcome is None:
+            if self._aborted is not None:
+                return Outcome(error=self._aborted.cause)
+            inflight = engine_loop().inflight
+            pending = inflight.get(key)
+            if pending is not None:
+                outcome = await asyncio.shield(pending)
+            else:
+                fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+                inflight[key] = fut
+                try:
+                    outcome = await self._call(key, text)
+                    fut.set_result(outcome)
+                except BaseException as e:
+                    fut.set_exception(e)
+                    fut.exception()  # mark retrieved: waiters re-raise it themselves
+                    raise
+                finally:
+                    inflight.pop(key, None)
+            if outcome.error is None:
+                self._memo[key] = outcome
         self._count(outcome)
         return outcome
+
+    async def resolve_async(self, key: str, text: str) -> Outcome:
+        """Like ``complete_async``, but first looks in the disk cache (for row-by-row callers)."""
+        if key not in self._memo and self.cache is not None:
+            outcome = self.decode(self.cache.get(key))
+            if outcome is not None:
+                self._memo[key] = outcome
+                self._count(outcome)
+                return outcome
+        return await self.complete_async(key, text)
 
     def _count(self, outcome: Outcome) -> None:
         p = self.progress
         p.done += 1
+        p.cached += outcome.cached
         p.failed += outcome.error is not None
         p.prompt_tokens += outcome.prompt_tokens
         p.completion_tokens += outcome.completion_tokens
 
     async def _call(self, key: str, text: str) -> Outcome:
-        """One request with the retry policy, content checks and repair; caches a success."""
-        settings = self.settings
+        """One chat request with retries, content checks and repair; caches a success."""
         post = self.spec.post
         body = self.template.body(text)
         tokens = estimate_tokens(text) + self._system_tokens + self._max_tokens
-        deadline = time.monotonic() + settings.retry_budget
+        deadline = time.monotonic() + self.settings.retry_budget
         repairs = 0
-        attempt = 0
+        transport = self._transport
+        assert transport is not None
         while True:
-            if self._aborted is not None:
-                return Outcome(error=self._aborted.cause)
-            attempt += 1
             try:
-                completion = await self._send(body, tokens)
-            except RetryableError as e:
-                delay = backoff(attempt, settings.backoff_base, settings.backoff_max)
-                if e.retry_after is not None:
-                    delay = max(delay, e.retry_after)
-                if attempt >= settings.max_attempts or time.monotonic() + delay > deadline:
-                    self._maybe_unreachable(e)
-                    return Outcome(error=_exhausted(e, attempt))
-                self.progress.retries += 1
-                await asyncio.sleep(delay)
-                continue
-            except FatalError as e:
-                if isinstance(e, (AuthError, ModelNotFound)):
-                    self._abort(e)
+                completion: Completion = await self._retrying(
+                    functools.partial(transport.chat, body), tokens, deadline
+                )
+            except RowError as e:
                 return Outcome(error=e)
             try:
                 value = self._check(completion)
             except ContentError as e:
                 fix = post.repair(completion.text or "", e) if repairs < 2 else None
-                if fix is None or attempt >= settings.max_attempts:
+                if fix is None:
                     return Outcome(
                         error=e,
                         prompt_tokens=completion.prompt_tokens,
@@ -386,35 +369,99 @@ class Batch:
                 repairs += 1
                 body = {**body, "messages": [*body["messages"], *fix]}
                 continue
+            usage = [completion.prompt_tokens, completion.completion_tokens]
             if self.cache is not None:
-                self.cache.put(
-                    key,
-                    {
-                        "text": completion.text,
-                        "usage": [completion.prompt_tokens, completion.completion_tokens],
-                    },
-                )
-            return Outcome(
-                value, None, False, completion.prompt_tokens, completion.completion_tokens
-            )
+                self.cache.put(key, {"text": completion.text, "usage": usage})
+            return Outcome(value, None, False, *usage)
 
-    async def _send(self, body: dict[str, Any], tokens: int) -> Completion:
+    async def embed_many_async(
+        self, texts: Sequence[str], keys: Sequence[str], batch_size: int
+    ) -> list[Outcome]:
+        """Embeddings of many inputs, ``batch_size`` inputs per request."""
+        self.bind()
+        transport = self._transport
+        assert transport is not None
+        results: list[Outcome] = [Outcome()] * len(texts)
+        chunks = iter(range(0, len(texts), batch_size))
+        params = self.params
+
+        async def worker() -> None:
+            for start in chunks:
+                part = list(texts[start : start + batch_size])
+                tokens = sum(estimate_tokens(t) for t in part)
+                deadline = time.monotonic() + self.settings.retry_budget
+                try:
+                    answer: Embeddings = await self._retrying(
+                        lambda part=part: transport.embed(self.model, part, params),  # type: ignore[misc]
+                        tokens,
+                        deadline,
+                    )
+                except RowError as e:
+                    outcomes = [Outcome(error=e) for _ in part]
+                else:
+                    share = answer.prompt_tokens // max(1, len(part))
+                    outcomes = []
+                    for i, vector in enumerate(answer.vectors):
+                        try:
+                            value = self.spec.post.parse(vector)
+                        except ContentError as e:
+                            outcomes.append(Outcome(error=e))
+                            continue
+                        outcomes.append(Outcome(value, None, False, share, 0))
+                        if self.cache is not None:
+                            self.cache.put(keys[start + i], {"vector": vector, "usage": [share, 0]})
+                for i, outcome in enumerate(outcomes):
+                    results[start + i] = outcome
+                    self._count(outcome)
+
+        workers = min(self.width(), -(-len(texts) // batch_size))
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        return results
+
+    async def _retrying(
+        self, send: Callable[[], Awaitable[Any]], tokens: int, deadline: float
+    ) -> Any:
+        """``send()`` under the limiter with the retry policy; raises the final RowError."""
+        settings = self.settings
+        attempt = 0
+        while True:
+            if self._aborted is not None:
+                raise self._aborted.cause  # type: ignore[misc]
+            attempt += 1
+            try:
+                return await self._send(send, tokens)
+            except RetryableError as e:
+                delay = backoff(attempt, settings.backoff_base, settings.backoff_max)
+                if e.retry_after is not None:
+                    delay = max(delay, e.retry_after)
+                if attempt >= settings.max_attempts or time.monotonic() + delay > deadline:
+                    self._maybe_unreachable(e)
+                    raise _exhausted(e, attempt) from None
+                self.progress.retries += 1
+                await asyncio.sleep(delay)
+            except FatalError as e:
+                if isinstance(e, (AuthError, ModelNotFound)):
+                    self._abort(e)
+                raise
+
+    async def _send(self, send: Callable[[], Awaitable[Any]], tokens: int) -> Any:
         loop = engine_loop()
         if self.base_url in loop.reached:
-            return await self._attempt(body, tokens)
+            return await self._attempt(send, tokens)
         # First contact with an endpoint goes alone: a wrong key or model then costs one call,
         # not one per worker. Any HTTP answer counts as contact.
         async with loop.probe_lock(self.base_url):
             if self._aborted is not None:
                 raise self._aborted.cause  # type: ignore[misc]
-            return await self._attempt(body, tokens)
+            return await self._attempt(send, tokens)
 
-    async def _attempt(self, body: dict[str, Any], tokens: int) -> Completion:
+    async def _attempt(self, send: Callable[[], Awaitable[Any]], tokens: int) -> Any:
         limiter = self._limiter
+        assert limiter is not None
         await limiter.acquire(tokens)
         self.progress.calls += 1
         try:
-            completion = await self._transport.chat(body)
+            answer = await send()
         except RowError as e:
             if e.status is not None:
                 engine_loop().reached.add(self.base_url)
@@ -425,7 +472,7 @@ class Batch:
             limiter.release()
         engine_loop().reached.add(self.base_url)
         limiter.on_success()
-        return completion
+        return answer
 
     def _check(self, completion: Completion) -> Any:
         text = completion.text
@@ -475,26 +522,30 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
-def _progress_bar(settings: Settings, total: int) -> Any:
+def _progress_bar(settings: Settings, total: int, progress: Progress) -> _Bar | None:
     show = settings.progress if settings.progress is not None else sys.stderr.isatty()
     if not show or total == 0:
         return None
-    from tqdm import tqdm
-
-    return _Bar(tqdm(total=total, unit="req", desc="polars-llm", leave=False))
+    return _Bar(total, progress)
 
 
 class _Bar:
-    def __init__(self, bar: Any) -> None:
-        self.bar = bar
-        self.batch: Batch | None = None
+    """A tqdm bar fed from a batch's counters while the caller waits."""
+
+    def __init__(self, total: int, progress: Progress) -> None:
+        from tqdm import tqdm
+
+        self.progress = progress
+        self.bar = tqdm(total=total, unit="req", desc="polars-llm", leave=False)
 
     def update(self) -> None:
-        if self.batch is not None:
-            self.bar.n = self.batch.progress.done
-            self.bar.refresh()
+        p = self.progress
+        self.bar.n = p.done
+        self.bar.set_postfix(cached=p.cached, failed=p.failed, refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
+        self.update()
         self.bar.close()
 
 
@@ -518,55 +569,67 @@ def output_dtype(spec: CallSpec) -> pl.DataType:
 
 def complete_series(prompts: pl.Series, spec: CallSpec) -> pl.Series:
     """The answer to each prompt in row order; null prompts give null and are never sent."""
-    dtype = spec.post.dtype
-    name = prompts.name
-    unique = prompts.drop_nulls().unique()
+    return _map_unique(prompts, spec, "chat", lambda b, t, k: b.complete_many_async(t, k))
+
+
+def embed_series(inputs: pl.Series, spec: CallSpec, batch_size: int) -> pl.Series:
+    """The embedding of each input in row order; equal inputs are sent once."""
+    return _map_unique(inputs, spec, "embed", lambda b, t, k: b.embed_many_async(t, k, batch_size))
+
+
+def _map_unique(
+    column: pl.Series,
+    spec: CallSpec,
+    kind: str,
+    send: Callable[[Batch, list[str], list[str]], Awaitable[list[Outcome]]],
+) -> pl.Series:
+    """Dedup, split cache hits from misses, send the misses, scatter back to row order."""
+    name = column.name
+    unique = column.drop_nulls().unique()
     if unique.len() == 0:
-        return pl.Series(name, [None] * prompts.len(), dtype=output_dtype(spec))
+        return pl.Series(name, [None] * column.len(), dtype=output_dtype(spec))
     texts: list[str] = unique.to_list()
-    batch = Batch(spec)
-    keys, outcomes = batch.lookup(texts)
-    misses = [i for i, o in enumerate(outcomes) if o is None]
+    batch = Batch(spec, kind)
+    keys, found = batch.lookup(texts)
+    misses = [i for i, o in enumerate(found) if o is None]
     if misses:
-        sent = batch.run([texts[i] for i in misses], [keys[i] for i in misses])
+        miss_texts = [texts[i] for i in misses]
+        sent = batch.run(send(batch, miss_texts, [keys[i] for i in misses]), len(misses))
         for i, outcome in zip(misses, sent, strict=True):
-            outcomes[i] = outcome
-    done: list[Outcome] = outcomes  # type: ignore[assignment]
-    settings = batch.settings
-    _report_failures(done, settings, spec.details, prompts.len())
-    table = pl.DataFrame(
-        {
-            "__prompt": unique,
-            "value": pl.Series([o.value for o in done], dtype=dtype),
-            **(
-                {
-                    "error": pl.Series([_error_text(o.error) for o in done], dtype=pl.String),
-                    "cached": pl.Series([o.cached for o in done], dtype=pl.Boolean),
-                    "prompt_tokens": pl.Series([o.prompt_tokens for o in done], dtype=pl.Int64),
-                    "completion_tokens": pl.Series(
-                        [o.completion_tokens for o in done], dtype=pl.Int64
-                    ),
-                }
-                if spec.details
-                else {}
-            ),
-        }
-    )
+            found[i] = outcome
+    outcomes: list[Outcome] = found  # type: ignore[assignment]
+    _report_failures(outcomes, batch.settings, spec.details)
+    columns: dict[str, pl.Series] = {
+        "__key": unique,
+        "value": pl.Series([o.value for o in outcomes], dtype=spec.post.dtype),
+    }
+    if spec.details:
+        columns["error"] = pl.Series([_error_text(o.error) for o in outcomes], dtype=pl.String)
+        columns["cached"] = pl.Series([o.cached for o in outcomes], dtype=pl.Boolean)
+        columns["prompt_tokens"] = pl.Series([o.prompt_tokens for o in outcomes], dtype=pl.Int64)
+        columns["completion_tokens"] = pl.Series(
+            [o.completion_tokens for o in outcomes], dtype=pl.Int64
+        )
     joined = (
-        prompts.rename("__prompt")
+        column.rename("__key")
         .to_frame()
-        .join(table, on="__prompt", how="left", maintain_order="left")
+        .join(pl.DataFrame(columns), on="__key", how="left", maintain_order="left")
     )
     if spec.details:
-        return joined.select(pl.struct(pl.exclude("__prompt")).alias(name)).to_series()
+        return joined.select(pl.struct(pl.exclude("__key")).alias(name)).to_series()
     return joined.get_column("value").alias(name)
 
 
 def _error_text(error: RowError | None) -> str | None:
-    return None if error is None else f"{error.reason}: {error.message}"
+    if error is None:
+        return None
+    text = f"{error.reason}: {error.message}"
+    if error.raw:
+        text += f" (raw answer: {error.raw[:500]!r})"
+    return text
 
 
-def _report_failures(outcomes: list[Outcome], settings: Settings, details: bool, rows: int) -> None:
+def _report_failures(outcomes: list[Outcome], settings: Settings, details: bool) -> None:
     failed = [o.error for o in outcomes if o.error is not None]
     if not failed:
         return

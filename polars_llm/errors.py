@@ -55,7 +55,9 @@ class BatchAborted(PolarsLLMError):
 class TooManyFailures(PolarsLLMError):
     """More rows failed than the caller allowed."""
 
-    def __init__(self, message: str, failed: int, total: int) -> None:
+    # Every argument but the message has a default: Polars re-raises an exception from inside an
+    # expression by calling its class with the message alone.
+    def __init__(self, message: str, failed: int = 0, total: int = 0) -> None:
         super().__init__(message)
         self.failed = failed
         self.total = total

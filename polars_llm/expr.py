@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
 
-from .engine import CallSpec, PostProcess, TextPost, complete_series, output_dtype
+from .engine import CallSpec, complete_series, embed_series, output_dtype
+from .errors import ConfigError
+from .outputs import EmbedPost, LabelPost, PostProcess, SchemaPost, TextPost
 from .prompt import render
 from .settings import OnError, Settings
 
@@ -56,11 +59,13 @@ class LLMNamespace:
             return self._expr
         return render(template, self_expr=self._expr)
 
-    def _apply(self, template: str | None, spec: CallSpec) -> pl.Expr:
+    def _apply(
+        self, template: str | None, spec: CallSpec, function: Any = complete_series
+    ) -> pl.Expr:
         name = self._expr.meta.output_name(raise_if_undetermined=False)
         prompts = self._prompts(template)
         out = prompts.map_batches(
-            functools.partial(complete_series, spec=spec),
+            functools.partial(function, spec=spec),
             # Always given: without it Polars would call the function on dummy data to find out,
             # which here would be a real, paid call.
             return_dtype=output_dtype(spec),
@@ -118,19 +123,19 @@ class LLMNamespace:
         ...     df = pl.DataFrame({"review": ["Great!", None, "Great!"]})
         ...     df.with_columns(
         ...         answer=pl.col("review").llm.complete(
-        ...             "Sentiment of: {review}", base_url=server.base_url, api_key="x", cache=False
+        ...             "Sentiment of: {review}", base_url=server.base_url, api_key="x"
         ...         )
         ...     )
         shape: (3, 2)
-        ┌────────┬──────────────────────────────┐
-        │ review ┆ answer                       │
-        │ ---    ┆ ---                          │
-        │ str    ┆ str                          │
-        ╞════════╪══════════════════════════════╡
-        │ Great! ┆ echo: Sentiment of: Great!   │
-        │ null   ┆ null                         │
-        │ Great! ┆ echo: Sentiment of: Great!   │
-        └────────┴──────────────────────────────┘
+        ┌────────┬────────────────────────────┐
+        │ review ┆ answer                     │
+        │ ---    ┆ ---                        │
+        │ str    ┆ str                        │
+        ╞════════╪════════════════════════════╡
+        │ Great! ┆ echo: Sentiment of: Great! │
+        │ null   ┆ null                       │
+        │ Great! ┆ echo: Sentiment of: Great! │
+        └────────┴────────────────────────────┘
         """
         spec = _spec(
             model=model,
@@ -146,3 +151,172 @@ class LLMNamespace:
             on_error=on_error,
         )
         return self._apply(template, spec)
+
+    def extract(
+        self,
+        schema: Any,
+        template: str | None = None,
+        *,
+        model: str | None = None,
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        details: bool = False,
+        on_error: OnError | None = None,
+        settings: Settings | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        concurrency: int | None = None,
+        cache: bool | None = None,
+        **params: Any,
+    ) -> pl.Expr:
+        """Structured output: a ``pl.Struct`` column shaped by a Pydantic model or JSON schema.
+
+        The dtype is known before any call. The endpoint is asked for JSON through its
+        ``response_format`` json_schema; an answer that does not validate is sent back once or
+        twice with the problem, then becomes that row's error (with the raw text kept).
+        Other parameters are as in :meth:`complete`.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import polars_llm
+        >>> from pydantic import BaseModel
+        >>> from polars_llm.testing import FakeServer
+        >>> class Person(BaseModel):
+        ...     name: str
+        ...     age: int | None
+        >>> with FakeServer() as server:
+        ...     out = pl.DataFrame({"bio": ["Ada, 36"]}).with_columns(
+        ...         p=pl.col("bio").llm.extract(Person, base_url=server.base_url, api_key="x")
+        ...     )
+        >>> out.schema["p"]
+        Struct({'name': String, 'age': Int64})
+        """
+        spec = _spec(
+            model=model,
+            system=system,
+            params={"temperature": temperature, "max_tokens": max_tokens, **params},
+            post=SchemaPost(schema),
+            settings=settings,
+            details=details,
+            base_url=base_url,
+            api_key=api_key,
+            concurrency=concurrency,
+            cache=cache,
+            on_error=on_error,
+        )
+        return self._apply(template, spec)
+
+    def classify(
+        self,
+        labels: Sequence[str],
+        template: str | None = None,
+        *,
+        model: str | None = None,
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        details: bool = False,
+        on_error: OnError | None = None,
+        settings: Settings | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        concurrency: int | None = None,
+        cache: bool | None = None,
+        **params: Any,
+    ) -> pl.Expr:
+        """One label per row from ``labels``, as a ``pl.Enum`` column.
+
+        The model is told the labels in the system message. Answers are matched ignoring case,
+        quotes and trailing punctuation; an answer naming no label (or several) is asked again
+        once, then becomes that row's error rather than a new label. Other parameters are as in
+        :meth:`complete`.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import polars_llm
+        >>> from polars_llm.testing import FakeServer
+        >>> def judge(body):
+        ...     return "Positive." if "love" in body["messages"][-1]["content"] else "negative"
+        >>> with FakeServer(reply=judge) as server:
+        ...     out = pl.DataFrame({"r": ["I love it", "Broken"]}).with_columns(
+        ...         s=pl.col("r").llm.classify(
+        ...             ["positive", "negative"], base_url=server.base_url, api_key="x"
+        ...         )
+        ...     )
+        >>> out["s"].to_list()
+        ['positive', 'negative']
+        """
+        post = LabelPost(labels)
+        system = f"{system}\n\n{post.instruction}" if system else post.instruction
+        spec = _spec(
+            model=model,
+            system=system,
+            params={"temperature": temperature, "max_tokens": max_tokens, **params},
+            post=post,
+            settings=settings,
+            details=details,
+            base_url=base_url,
+            api_key=api_key,
+            concurrency=concurrency,
+            cache=cache,
+            on_error=on_error,
+        )
+        return self._apply(template, spec)
+
+    def embed(
+        self,
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        batch_size: int = 256,
+        details: bool = False,
+        on_error: OnError | None = None,
+        settings: Settings | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        concurrency: int | None = None,
+        cache: bool | None = None,
+        **params: Any,
+    ) -> pl.Expr:
+        """Embeddings as an ``pl.Array(pl.Float32, dim)`` column.
+
+        ``dimensions`` gives the vector size (required unless the model is a known OpenAI one);
+        it is also sent to the endpoint. Equal inputs are sent once, ``batch_size`` inputs per
+        request, and cached like completions.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import polars_llm
+        >>> from polars_llm.testing import FakeServer
+        >>> with FakeServer() as server:
+        ...     out = pl.DataFrame({"t": ["cat", "dog"]}).with_columns(
+        ...         v=pl.col("t").llm.embed(
+        ...             model="emb", dimensions=4, base_url=server.base_url, api_key="x"
+        ...         )
+        ...     )
+        >>> out.schema["v"]
+        Array(Float32, shape=(4,))
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if dimensions is not None:
+            params["dimensions"] = dimensions
+        spec = _spec(
+            model=model,
+            system=None,
+            params=params,
+            post=EmbedPost(model, dimensions),
+            settings=settings,
+            details=details,
+            base_url=base_url,
+            api_key=api_key,
+            concurrency=concurrency,
+            cache=cache,
+            on_error=on_error,
+        )
+        function = functools.partial(embed_series, batch_size=batch_size)
+        return self._apply(None, spec, function)

@@ -1,0 +1,408 @@
+"""Pipelines: dependent LLM steps where each row moves to its next step as soon as it can.
+
+Running steps as successive ``with_columns`` waits for the slowest row of step 1 before any row
+starts step 2. ``pipeline`` instead runs one chain per row on the engine loop: a row's step 2
+starts the moment its step 1 is answered, so with steps on separately limited models the total
+time approaches that of the slowest step rather than the sum. The results are the same: the same
+requests (so the same cache keys) in the same row order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from .engine import Batch, CallSpec, Outcome, engine_loop, estimate_tokens
+from .errors import ConfigError, TemplateError, TooManyFailures
+from .outputs import LabelPost, PostProcess, SchemaPost, TextPost
+from .prompt import _parse, placeholders, render
+from .settings import OnError, Settings, get_settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ERROR_COLUMN = "llm_error"
+
+# Prices in USD per million tokens (input, output), for the dry run's cost estimate.
+PRICES = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "local": (0.0, 0.0),
+}
+# Completion tokens assumed per call in a dry run when max_tokens is not given.
+ASSUMED_COMPLETION_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Step:
+    """One LLM column of a pipeline: its name, prompt template and how to call the model.
+
+    ``schema`` (Pydantic model or JSON schema) makes it an ``extract`` step, ``labels`` a
+    ``classify`` step; otherwise the answer is text.
+    """
+
+    name: str
+    template: str
+    model: str | None = None
+    system: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    schema: Any = None
+    labels: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigError("every step needs a non-empty name")
+        if self.schema is not None and self.labels is not None:
+            raise ConfigError(f"step {self.name!r}: give schema or labels, not both")
+        placeholders(self.template)  # a malformed template fails here, not mid-run
+
+    def post(self) -> PostProcess:
+        if self.schema is not None:
+            return SchemaPost(self.schema)
+        if self.labels is not None:
+            return LabelPost(self.labels)
+        return TextPost()
+
+    def spec(self, settings: Settings | None) -> CallSpec:
+        post = self.post()
+        system = self.system
+        if isinstance(post, LabelPost):
+            system = f"{system}\n\n{post.instruction}" if system else post.instruction
+        return CallSpec(
+            model=self.model,
+            system=system,
+            params=dict(self.params),
+            post=post,
+            settings=settings,
+        )
+
+    @classmethod
+    def from_mapping(cls, name: str, table: Mapping[str, Any]) -> Step:
+        """A step from a TOML table: prompt, model, system, params, schema, labels."""
+        known = {"prompt", "model", "system", "params", "schema", "labels"}
+        unknown = set(table) - known
+        if unknown:
+            raise ConfigError(
+                f"step {name!r}: unknown key(s) {sorted(unknown)}; known keys: {sorted(known)}"
+            )
+        if "prompt" not in table:
+            raise ConfigError(f"step {name!r} needs a prompt = '...' with {{column}} placeholders")
+        return cls(
+            name=name,
+            template=table["prompt"],
+            model=table.get("model"),
+            system=table.get("system"),
+            params=dict(table.get("params", {})),
+            schema=table.get("schema"),
+            labels=table.get("labels"),
+        )
+
+
+def load_pipeline(path: str | Path) -> tuple[list[Step], dict[str, Any]]:
+    """Steps and settings from a TOML pipeline file.
+
+    Example::
+
+        [settings]            # optional: any Settings field
+        concurrency = 16
+
+        [steps.sentiment]
+        prompt = "Sentiment of this review, one word: {review}"
+        labels = ["positive", "negative", "neutral"]
+
+        [steps.reply]
+        prompt = "Write a short reply to a {sentiment} review: {review}"
+        model = "gpt-4o-mini"
+        system = "You are a polite support agent."
+        params = { temperature = 0.3, max_tokens = 120 }
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read the pipeline file {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"the pipeline file {path} is not valid TOML: {e}") from e
+    steps_table = data.get("steps")
+    if not isinstance(steps_table, dict) or not steps_table:
+        raise ConfigError(f"{path} has no [steps.NAME] tables; see `polars-llm enrich --help`")
+    steps = [Step.from_mapping(name, table) for name, table in steps_table.items()]
+    settings = dict(data.get("settings", {}))
+    return steps, settings
+
+
+def check_steps(steps: Sequence[Step], columns: Sequence[str]) -> None:
+    """Raise TemplateError unless every placeholder names an input column or an earlier step."""
+    if not steps:
+        raise ConfigError("a pipeline needs at least one step")
+    available = list(columns)
+    for step in steps:
+        if step.name in available:
+            raise ConfigError(
+                f"step name {step.name!r} is already a column; pick another name for the step"
+            )
+        for name in placeholders(step.template):
+            if name not in available:
+                raise TemplateError(
+                    f"step {step.name!r}: {{{name}}} is not a column or an earlier step; "
+                    f"available: {', '.join(available)}"
+                )
+        available.append(step.name)
+
+
+@dataclass
+class PipelineStats:
+    """What a pipeline run did, for progress displays and reports."""
+
+    rows: int = 0
+    rows_done: int = 0
+    rows_failed: int = 0
+    calls: int = 0
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class _Template:
+    """A template rendered in Python from already-stringified values, exactly as concat_str would."""
+
+    def __init__(self, template: str) -> None:
+        self.parts = [(literal, name) for literal, name, _, _ in _parse(template)]
+
+    def render(self, values: Mapping[str, str | None]) -> str | None:
+        out: list[str] = []
+        for literal, name in self.parts:
+            out.append(literal)
+            if name is not None:
+                value = values[name]
+                if value is None:
+                    return None
+                out.append(value)
+        return "".join(out)
+
+
+def _as_text(value: Any) -> str | None:
+    """How an earlier step's value reads inside a later step's prompt."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def pipeline(
+    df: pl.DataFrame,
+    steps: Sequence[Step],
+    *,
+    settings: Settings | None = None,
+    on_error: OnError | None = None,
+    progress: Callable[[PipelineStats], None] | None = None,
+    stats: PipelineStats | None = None,
+) -> pl.DataFrame:
+    """Run dependent steps row by row, each row starting its next step as soon as it can.
+
+    Returns ``df`` with one column per step appended, and with ``on_error="null"`` a String
+    column ``llm_error`` saying which step failed and why (null where the row succeeded).
+    ``progress`` is called about five times a second with the running totals.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import polars_llm
+    >>> from polars_llm import Step, pipeline
+    >>> from polars_llm.testing import FakeServer
+    >>> with FakeServer() as server:
+    ...     out = pipeline(
+    ...         pl.DataFrame({"topic": ["tea"]}),
+    ...         [Step("outline", "Outline {topic}"), Step("intro", "Intro for {outline}")],
+    ...         settings=polars_llm.Settings(base_url=server.base_url, api_key="x"),
+    ...     )
+    >>> out["intro"][0]
+    'echo: Intro for echo: Outline tea'
+    """
+    base = settings if settings is not None else get_settings()
+    if on_error is not None:
+        base = base.replace(on_error=on_error)
+    check_steps(steps, df.columns)
+    stats = stats if stats is not None else PipelineStats()
+    stats.rows += df.height
+    batches = [Batch(step.spec(base)) for step in steps]
+    templates = [_Template(step.template) for step in steps]
+    inputs = sorted({n for s in steps for n in placeholders(s.template)} & set(df.columns))
+    strings = {c: df.get_column(c).cast(pl.String).to_list() for c in inputs}
+    first = _prefetch_first_step(df, steps[0], batches[0])
+    results: list[list[Any]] = [[None] * df.height for _ in steps]
+    errors: list[str | None] = [None] * df.height
+
+    async def run_row(i: int) -> None:
+        values: dict[str, str | None] = {c: strings[c][i] for c in inputs}
+        for k, (step, batch, template) in enumerate(zip(steps, batches, templates, strict=True)):
+            text = template.render(values)
+            if text is None:
+                values[step.name] = None
+                continue
+            if k == 0 and first.get(text) is not None:
+                outcome = first[text]
+                batch._count(outcome)
+            else:
+                outcome = await batch.resolve_async(batch.template.key(text), text)
+            if outcome.error is not None:
+                errors[i] = f"{step.name}: {outcome.error.reason}: {outcome.error.message}"
+                stats.rows_failed += 1
+                reason = outcome.error.reason
+                stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + 1
+                return
+            results[k][i] = outcome.value
+            values[step.name] = _as_text(outcome.value)
+
+    async def run_all() -> None:
+        rows = iter(range(df.height))
+
+        async def worker() -> None:
+            for i in rows:
+                await run_row(i)
+                stats.rows_done += 1
+
+        # Enough row chains in flight to keep every step's limiter busy at once.
+        width = sum(b.width() for b in batches)
+        await asyncio.gather(*(worker() for _ in range(min(df.height, width))))
+
+    def report() -> None:
+        _fold(stats, batches, base_counts)
+        if progress is not None:
+            progress(stats)
+
+    base_counts = (stats.calls, stats.cached, stats.prompt_tokens, stats.completion_tokens)
+    try:
+        engine_loop().run(run_all(), on_wait=report)
+    finally:
+        for batch in batches:
+            if batch.cache is not None:
+                batch.cache.flush()
+    report()
+    for batch in batches:
+        if batch._aborted is not None:
+            raise batch._aborted
+    failed = sum(e is not None for e in errors)
+    if failed and base.on_error == "raise":
+        first_error = next(e for e in errors if e is not None)
+        raise TooManyFailures(
+            f"{failed} of {df.height} row(s) failed; first: {first_error}. The answers that "
+            "succeeded are cached, so a rerun sends only the failed rows. Pass on_error='null' "
+            f"to get nulls and an {ERROR_COLUMN} column instead.",
+            failed=failed,
+            total=df.height,
+        )
+    new = [
+        pl.Series(step.name, results[k], dtype=batches[k].spec.post.dtype)
+        for k, step in enumerate(steps)
+    ]
+    if base.on_error == "null":
+        new.append(pl.Series(ERROR_COLUMN, errors, dtype=pl.String))
+    return df.with_columns(new)
+
+
+def _fold(stats: PipelineStats, batches: Sequence[Batch], base: tuple[int, ...]) -> None:
+    stats.calls = base[0] + sum(b.progress.calls for b in batches)
+    stats.cached = base[1] + sum(b.progress.cached for b in batches)
+    stats.prompt_tokens = base[2] + sum(b.progress.prompt_tokens for b in batches)
+    stats.completion_tokens = base[3] + sum(b.progress.completion_tokens for b in batches)
+
+
+def _prefetch_first_step(df: pl.DataFrame, step: Step, batch: Batch) -> dict[str, Outcome | None]:
+    """Cache hits of the first step's unique prompts, read in one transaction."""
+    prompts = df.select(render(step.template).alias("p")).get_column("p")
+    texts = prompts.drop_nulls().unique().to_list()
+    _, found = batch.lookup(texts)
+    return dict(zip(texts, found, strict=True))
+
+
+@dataclass
+class StepPlan:
+    """What a dry run found for one step."""
+
+    name: str
+    model: str
+    prompts: int = 0
+    unique: int = 0
+    cached: int = 0
+    to_send: int = 0
+    unknown: int = 0  # prompts that depend on answers not cached yet
+    est_prompt_tokens: int = 0
+    est_completion_tokens: int = 0
+    est_cost_usd: float | None = None
+
+
+def plan(
+    df: pl.DataFrame, steps: Sequence[Step], *, settings: Settings | None = None
+) -> list[StepPlan]:
+    """What a run would send, from the cache alone: no call is made.
+
+    Rows whose earlier steps are cached are followed into later steps; rows that wait on an
+    answer not yet cached are counted as ``unknown`` and estimated from the template alone.
+    """
+    base = settings if settings is not None else get_settings()
+    check_steps(steps, df.columns)
+    inputs = sorted({n for s in steps for n in placeholders(s.template)} & set(df.columns))
+    rows: list[dict[str, str | None]] = (
+        [
+            dict(zip(inputs, values, strict=True))
+            for values in zip(
+                *(df.get_column(c).cast(pl.String).to_list() for c in inputs), strict=True
+            )
+        ]
+        if inputs
+        else [{} for _ in range(df.height)]
+    )
+    pending = [False] * df.height
+    plans: list[StepPlan] = []
+    for step in steps:
+        batch = Batch(step.spec(base), connect=False)
+        template = _Template(step.template)
+        literal = sum(len(lit) for lit, _ in template.parts)
+        max_tokens = int(batch.params.get("max_tokens") or ASSUMED_COMPLETION_TOKENS)
+        sp = StepPlan(step.name, batch.model)
+        texts: dict[str, list[int]] = {}
+        for i, values in enumerate(rows):
+            if pending[i]:
+                sp.unknown += 1
+                continue
+            text = template.render(values)
+            if text is None:
+                values[step.name] = None
+                continue
+            texts.setdefault(text, []).append(i)
+        sp.prompts = sum(len(v) for v in texts.values()) + sp.unknown
+        sp.unique = len(texts)
+        _, found = batch.lookup(list(texts))
+        for (text, row_ids), outcome in zip(texts.items(), found, strict=True):
+            if outcome is not None and outcome.error is None:
+                sp.cached += 1
+                for i in row_ids:
+                    rows[i][step.name] = _as_text(outcome.value)
+                continue
+            sp.to_send += 1
+            sp.est_prompt_tokens += estimate_tokens(text) + batch._system_tokens
+            sp.est_completion_tokens += max_tokens
+            for i in row_ids:
+                pending[i] = True
+        sp.est_prompt_tokens += sp.unknown * (literal // 4 + max_tokens)
+        sp.est_completion_tokens += sp.unknown * max_tokens
+        price = PRICES.get(batch.model)
+        if price is not None:
+            sp.est_cost_usd = (
+                sp.est_prompt_tokens * price[0] + sp.est_completion_tokens * price[1]
+            ) / 1e6
+        plans.append(sp)
+    return plans
