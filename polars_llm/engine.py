@@ -48,6 +48,8 @@ from .transport import Completion, Embeddings, OpenAITransport, Transport
 
 # The embedded model's server decodes one request at a time; more in flight only queue there.
 LOCAL_CONCURRENCY = 2
+# Seconds a request waits for the first request to a new endpoint, key and model to answer.
+PROBE_WAIT = 10.0
 # Cache keys of the embedded model name the weights, not the random port of this process's server.
 LOCAL_KEY_ENDPOINT = "local:SmolLM2-135M-Instruct.Q4_1"
 
@@ -120,8 +122,10 @@ class EngineLoop:
         # Per endpoint and model: providers set their limits per model.
         self.limiters: dict[tuple[str, str], Limiter] = {}
         self.inflight: dict[str, asyncio.Future[Outcome]] = {}
-        self.reached: set[str] = set()  # endpoints that answered at least once
-        self._probes: dict[str, asyncio.Lock] = {}
+        self.reached: set[str] = set()  # endpoints that gave any HTTP answer
+        # (endpoint, key, model) that answered a request successfully: see Batch._send.
+        self.verified: set[tuple[str, str, str]] = set()
+        self._probes: dict[tuple[str, str, str], asyncio.Lock] = {}
 
     def run(
         self,
@@ -153,11 +157,11 @@ class EngineLoop:
             )
         return transport
 
-    def probe_lock(self, base_url: str) -> asyncio.Lock:
-        """The lock that lets one request at a time reach an endpoint not yet reached."""
-        lock = self._probes.get(base_url)
+    def probe_lock(self, ident: tuple[str, str, str]) -> asyncio.Lock:
+        """The lock that lets one request at a time through until ``ident`` is verified."""
+        lock = self._probes.get(ident)
         if lock is None:
-            lock = self._probes[base_url] = asyncio.Lock()
+            lock = self._probes[ident] = asyncio.Lock()
         return lock
 
     def limiter(self, base_url: str, model: str, settings: Settings, local: bool) -> Limiter:
@@ -232,6 +236,7 @@ class Batch:
         self._system_tokens = estimate_tokens(spec.system or "")
         self._transport: Transport | None = None
         self._limiter: Limiter | None = None
+        self._ident = (self.base_url, endpoint.api_key, self.model)
 
     # -- the caller's side ---------------------------------------------------------------------
     def lookup(self, texts: Sequence[str]) -> tuple[list[str], list[Outcome | None]]:
@@ -422,19 +427,42 @@ class Batch:
         self, send: Callable[[], Awaitable[Any]], tokens: int, deadline: float
     ) -> Any:
         """``send()`` under the limiter with the retry policy; raises the final RowError."""
+        loop = engine_loop()
+        if self._ident in loop.verified:
+            return await self._retry_loop(send, tokens, deadline)
+        # Until an endpoint, key and model have answered once, one request (with its retries)
+        # goes at a time: a wrong key, a mistyped model or a dead endpoint then costs a few
+        # calls, not a few per worker. A probe slower than PROBE_WAIT (a hung request) does not
+        # hold the batch back.
+        lock = loop.probe_lock(self._ident)
+        try:
+            await asyncio.wait_for(lock.acquire(), PROBE_WAIT)
+        except asyncio.TimeoutError:
+            return await self._retry_loop(send, tokens, deadline)
+        try:
+            return await self._retry_loop(send, tokens, deadline)
+        finally:
+            lock.release()
+
+    async def _retry_loop(
+        self, send: Callable[[], Awaitable[Any]], tokens: int, deadline: float
+    ) -> Any:
         settings = self.settings
-        attempt = 0
+        attempt = failures = 0
         while True:
             if self._aborted is not None:
                 raise self._aborted.cause  # type: ignore[misc]
             attempt += 1
             try:
-                return await self._send(send, tokens)
+                return await self._attempt(send, tokens)
             except RetryableError as e:
+                # A 429 says "later", not "broken": only the time budget bounds those retries,
+                # while other failures also count against max_attempts.
+                failures += not isinstance(e, RateLimited)
                 delay = backoff(attempt, settings.backoff_base, settings.backoff_max)
                 if e.retry_after is not None:
                     delay = max(delay, e.retry_after)
-                if attempt >= settings.max_attempts or time.monotonic() + delay > deadline:
+                if failures >= settings.max_attempts or time.monotonic() + delay > deadline:
                     self._maybe_unreachable(e)
                     raise _exhausted(e, attempt) from None
                 self.progress.retries += 1
@@ -443,17 +471,6 @@ class Batch:
                 if isinstance(e, (AuthError, ModelNotFound)):
                     self._abort(e)
                 raise
-
-    async def _send(self, send: Callable[[], Awaitable[Any]], tokens: int) -> Any:
-        loop = engine_loop()
-        if self.base_url in loop.reached:
-            return await self._attempt(send, tokens)
-        # First contact with an endpoint goes alone: a wrong key or model then costs one call,
-        # not one per worker. Any HTTP answer counts as contact.
-        async with loop.probe_lock(self.base_url):
-            if self._aborted is not None:
-                raise self._aborted.cause  # type: ignore[misc]
-            return await self._attempt(send, tokens)
 
     async def _attempt(self, send: Callable[[], Awaitable[Any]], tokens: int) -> Any:
         limiter = self._limiter
@@ -470,7 +487,9 @@ class Batch:
             raise
         finally:
             limiter.release()
-        engine_loop().reached.add(self.base_url)
+        loop = engine_loop()
+        loop.reached.add(self.base_url)
+        loop.verified.add(self._ident)
         limiter.on_success()
         return answer
 

@@ -27,6 +27,8 @@ Every error says what went wrong and what to do about it. The tree::
 
 from __future__ import annotations
 
+import re
+
 
 class PolarsLLMError(Exception):
     """Base class of every error polars-llm raises."""
@@ -59,6 +61,11 @@ class TooManyFailures(PolarsLLMError):
     # expression by calling its class with the message alone.
     def __init__(self, message: str, failed: int = 0, total: int = 0) -> None:
         super().__init__(message)
+        if not failed and not total:
+            # Rebuilt by Polars from the message alone: the counts are in its first words.
+            match = re.search(r"(\d+) of (\d+) ", message)
+            if match:
+                failed, total = int(match.group(1)), int(match.group(2))
         self.failed = failed
         self.total = total
 

@@ -39,6 +39,7 @@ class TokenBucket:
         return 0.0 if self.level >= need else (need - self.level) / self.rate
 
     def take(self, amount: float) -> None:
+        self._refill()
         # May go negative for an amount above capacity: the debt delays the next requests.
         self.level -= amount
 
@@ -64,6 +65,10 @@ class Limiter:
         self._rpm_value: int | None = None
         self._tpm_value: int | None = None
         self._cooldown_until = 0.0
+        # After a 429, admissions are spaced at least this far apart, so the end of a cooldown
+        # lets requests out at about the rate the endpoint allows instead of all at once.
+        # Shrinks with each success until it vanishes.
+        self._spacing = 0.0
         self._last_cut = -1e9
         self.configure(concurrency, rpm, tpm)
 
@@ -109,6 +114,8 @@ class Limiter:
                     self._rpm.take(1)
                 if self._tpm is not None and tokens:
                     self._tpm.take(tokens)
+                if self._spacing:
+                    self._cooldown_until = max(self._cooldown_until, self._clock() + self._spacing)
         except BaseException:
             self.release()
             raise
@@ -143,6 +150,7 @@ class Limiter:
     # -- feedback --------------------------------------------------------------------------
     def on_success(self) -> None:
         """Grow the adaptive limit back by about one slot per full window of successes."""
+        self._spacing = 0.0 if self._spacing < 1e-3 else self._spacing * 0.9
         if self._limit < self._max:
             self._limit = min(float(self._max), self._limit + 1.0 / self._limit)
             self._wake()
@@ -152,6 +160,7 @@ class Limiter:
         now = self._clock()
         pause = retry_after if retry_after is not None else 1.0
         self._cooldown_until = max(self._cooldown_until, now + pause)
+        self._spacing = max(self._spacing, min(pause, 1.0))
         # Many in-flight requests see the same 429 storm: cut once per window, not per answer.
         if now - self._last_cut > max(pause, 1.0):
             self._last_cut = now

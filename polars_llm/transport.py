@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import httpx2
 import openai
 
@@ -137,6 +138,9 @@ class OpenAITransport:
 def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
     """Our error for an SDK error, with a message that says what to do."""
     if isinstance(error, openai.APITimeoutError):
+        refused = _connection_refused(error)
+        if refused is not None:
+            return ConnectionFailed(f"connection to {base_url} failed: {refused}")
         return RequestTimeout(f"no answer from {base_url} within the timeout")
     if isinstance(error, openai.APIConnectionError):
         cause = error.__cause__ or error.__context__
@@ -168,6 +172,26 @@ def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
             return ServerError(f"{base_url} failed ({status}: {detail})", status=status)
         return BadRequest(f"{base_url} rejected the request ({status}: {detail})", status=status)
     return RowError(f"unexpected error from the OpenAI client: {error}")
+
+
+def _connection_refused(error: BaseException) -> BaseException | None:
+    """The connection error behind a "timeout", if any.
+
+    The SDK's aiohttp backend reports a refused connection as a connect timeout; telling them
+    apart lets the engine stop a batch whose endpoint is not there at all.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, aiohttp.ClientConnectorError) and not isinstance(
+            cause, aiohttp.ServerTimeoutError
+        ):
+            return cause
+        if isinstance(cause, ConnectionRefusedError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _error_detail(error: openai.APIStatusError) -> str:

@@ -3,7 +3,9 @@ bad keys and models, unreachable endpoints, per-row errors and reruns after fail
 
 from __future__ import annotations
 
+import socket
 import time
+from collections.abc import Iterator
 
 import polars as pl
 import pytest
@@ -12,6 +14,7 @@ import polars_llm
 from polars_llm.errors import TooManyFailures
 from polars_llm.settings import Settings
 from polars_llm.testing import FakeServer
+from polars_llm.transport import OpenAITransport
 
 
 def point(server: FakeServer, **changes: object) -> Settings:
@@ -258,3 +261,83 @@ def test_truncated_answer_is_a_value_by_default() -> None:
     a = out["a"].struct.unnest()
     assert a["error"].to_list() == [None]
     assert a["value"][0] == "echo: a long"  # the fake server keeps max_tokens * 4 characters
+
+
+@pytest.fixture
+def attempts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts requests handed to our transport (a pass-through spy; the SDK runs unchanged)."""
+    count = [0]
+    real_chat = OpenAITransport.chat
+
+    async def counting_chat(self: OpenAITransport, body: dict) -> object:
+        count[0] += 1
+        return await real_chat(self, body)
+
+    monkeypatch.setattr(OpenAITransport, "chat", counting_chat)
+    yield count
+
+
+def test_429_storm_finishes_every_row_and_the_client_pauses() -> None:
+    """A server far slower than the client believes still gives every row a value, and the
+    shared cooldown keeps the 429s far below rows x max_attempts."""
+    rows = 200
+    with FakeServer(rpm=3000) as server:  # 50 a second; the client is told nothing
+        point(server, on_error="null")
+        out = frame(rows).with_columns(a=pl.col("q").llm.complete("Say {q}", details=True))
+        counts = server.stats().status_counts
+    errors = out["a"].struct.field("error").drop_nulls().to_list()
+    assert errors == []
+    assert out["a"].struct.field("value").null_count() == 0
+    assert counts.get(200) == rows
+    assert 0 < counts.get(429, 0) <= rows  # far fewer than rows x max_attempts (8 x rows)
+
+
+def test_bad_key_on_an_endpoint_already_reached_aborts_fast() -> None:
+    """A wrong key stops a 1,000-row job after at most 3 calls even on an endpoint that has
+    answered before (with another key)."""
+    with FakeServer(api_key="right-key") as server:
+        point(server, api_key="right-key")
+        frame(1, "warm").with_columns(a=pl.col("q").llm.complete())
+        server.reset_stats()
+        point(server, api_key="revoked-key")
+        with pytest.raises(polars_llm.BatchAborted, match="API key"):
+            frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
+        assert server.stats().calls <= 3
+
+
+def test_unknown_model_on_an_endpoint_already_reached_aborts_fast() -> None:
+    """A mistyped model stops a 1,000-row job after at most 3 calls even when the endpoint has
+    already served another model."""
+    with FakeServer(models=["real-model"]) as server:
+        point(server, model="real-model")
+        frame(1, "warm").with_columns(a=pl.col("q").llm.complete())
+        server.reset_stats()
+        with pytest.raises(polars_llm.BatchAborted, match="no-such-model"):
+            frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}", model="no-such-model"))
+        assert server.stats().calls <= 3
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_endpoint_stops_after_bounded_attempts(attempts: list[int]) -> None:
+    """A closed port stops a 1,000-row job with a message about the endpoint, not row by row."""
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    settings = polars_llm.configure(base_url=url, api_key="k", backoff_base=0.01, max_attempts=4)
+    with pytest.raises(polars_llm.BatchAborted, match="check the endpoint URL") as info:
+        frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
+    assert url in str(info.value)
+    # The first request probes alone until it gives up: about max_attempts, not 4,000.
+    assert attempts[0] <= 2 * settings.max_attempts
+
+
+def test_too_many_failures_carries_the_counts() -> None:
+    """TooManyFailures raised through Polars keeps its failed and total counts."""
+    with FakeServer(reply=empty_for_odd) as server:
+        point(server)
+        with pytest.raises(TooManyFailures) as info:
+            frame(10).with_columns(a=pl.col("q").llm.complete("Say {q}"))
+    assert (info.value.failed, info.value.total) == (5, 10)

@@ -286,7 +286,7 @@ def test_tpm_oversize_request_is_admitted_and_delays_the_next(clock: VirtualCloc
 # 429 feedback: cooldown and AIMD
 # --------------------------------------------------------------------------------------------
 def test_rate_limited_sets_a_cooldown_that_delays_acquire(clock: VirtualClock) -> None:
-    """A 429 with retry-after 2 s holds every new request for 2 s."""
+    """A 429 with retry-after 2 s holds every new request for 2 s, then lets them out 1 s apart."""
 
     async def main() -> float:
         limiter = Limiter(8, clock=clock)
@@ -296,7 +296,8 @@ def test_rate_limited_sets_a_cooldown_that_delays_acquire(clock: VirtualClock) -
         await asyncio.gather(*(acquire_many(limiter, 1) for _ in range(3)))
         return clock.now - start
 
-    assert run(main) == pytest.approx(2.0)
+    # Released at 2 s, 3 s and 4 s: not all at once when the cooldown ends.
+    assert run(main) == pytest.approx(4.0)
 
 
 def test_rate_limited_without_retry_after_pauses_a_second(clock: VirtualClock) -> None:
@@ -464,3 +465,21 @@ def test_reapplying_the_same_settings_keeps_the_budget_and_the_cut(clock: Virtua
         return clock.now - start
 
     assert run(main) == pytest.approx(1.0)  # the bucket's refill, not a fresh burst
+
+
+def test_spacing_after_a_429_fades_with_successes(clock: VirtualClock) -> None:
+    """Once requests succeed again, the spacing a 429 imposed shrinks until admissions are immediate."""
+
+    async def main() -> float:
+        limiter = Limiter(8, clock=clock)
+        limiter.on_rate_limited(0.5)
+        await acquire_many(limiter, 1)
+        limiter.release()
+        for _ in range(200):
+            limiter.on_success()
+        clock.now += 1.0  # past the last spacing
+        start = clock.now
+        await asyncio.gather(*(acquire_many(limiter, 1) for _ in range(5)))
+        return clock.now - start
+
+    assert run(main) == pytest.approx(0.0, abs=1e-3)
