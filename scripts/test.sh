@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a virtualenv with everything the project needs, then lint and run the tests.
+# The first run builds llama.cpp from source (a few minutes); pip caches the wheel after that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[local,dev]'
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/pytest "$@"
