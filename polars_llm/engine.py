@@ -201,17 +201,15 @@ class Batch:
     Methods named ``*_async`` run on the engine loop; the others run on the caller's thread.
     """
 
-    def __init__(self, spec: CallSpec, kind: str = "chat", *, connect: bool = True) -> None:
-        """Resolve settings and endpoint; ``connect=False`` (dry runs) never starts a server."""
+    def __init__(self, spec: CallSpec, kind: str = "chat") -> None:
+        """Resolve settings and endpoint; nothing is started until ``connect``."""
         self.spec = spec
         self.kind = kind
         self.settings = settings = spec.resolve_settings()
         self.endpoint = endpoint = settings.endpoint(spec.model)
         self.model = spec.model or settings.default_model(endpoint)
         if endpoint.local:
-            from .local import ensure_local_server
-
-            self.base_url = ensure_local_server() if connect else endpoint.base_url
+            self.base_url = endpoint.base_url  # known once the server runs: see connect()
             key_endpoint = LOCAL_KEY_ENDPOINT
         else:
             self.base_url = endpoint.base_url
@@ -238,6 +236,14 @@ class Batch:
         self._limiter: Limiter | None = None
         self._ident = (self.base_url, endpoint.api_key, self.model)
 
+    def connect(self) -> None:
+        """Start the embedded model if this batch needs it (caller's thread: it may take seconds)."""
+        if self.endpoint.local and self.base_url == self.endpoint.base_url:
+            from .local import ensure_local_server
+
+            self.base_url = ensure_local_server()
+            self._ident = (self.base_url, self.endpoint.api_key, self.model)
+
     # -- the caller's side ---------------------------------------------------------------------
     def lookup(self, texts: Sequence[str]) -> tuple[list[str], list[Outcome | None]]:
         """Keys of the texts and what the cache holds for each."""
@@ -259,6 +265,7 @@ class Batch:
 
     def run(self, coro: Awaitable[Any], total: int) -> Any:
         """Run loop-side work with a progress bar, flush the cache, raise if the batch aborted."""
+        self.connect()
         self.progress.total = total
         bar = _progress_bar(self.settings, total, self.progress)
         try:

@@ -284,6 +284,9 @@ def pipeline(
             progress(stats)
 
     base_counts = (stats.calls, stats.cached, stats.prompt_tokens, stats.completion_tokens)
+    if any(first.get(t) is None for t in first) or len(steps) > 1:
+        for batch in batches:
+            batch.connect()
     try:
         engine_loop().run(run_all(), on_wait=report)
     finally:
@@ -368,7 +371,7 @@ def plan(
     pending = [False] * df.height
     plans: list[StepPlan] = []
     for step in steps:
-        batch = Batch(step.spec(base), connect=False)
+        batch = Batch(step.spec(base))
         template = _Template(step.template)
         literal = sum(len(lit) for lit, _ in template.parts)
         max_tokens = int(batch.params.get("max_tokens") or ASSUMED_COMPLETION_TOKENS)

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[local]'
+.venv/bin/python -m pip install --quiet --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet --quiet -e '.[local]'
 out="$(mktemp -d)"
 .venv/bin/python -c "
 import polars as pl
