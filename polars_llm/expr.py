@@ -16,26 +16,15 @@ from .settings import OnError, Settings
 
 
 def _spec(
-    *,
+    post: PostProcess,
     model: str | None,
     system: str | None,
     params: dict[str, Any],
-    post: PostProcess,
     settings: Settings | None,
     details: bool,
-    base_url: str | None,
-    api_key: str | None,
-    concurrency: int | None,
-    cache: bool | None,
-    on_error: OnError | None,
+    **overrides: Any,
 ) -> CallSpec:
-    overrides = {
-        "base_url": base_url,
-        "api_key": api_key,
-        "concurrency": concurrency,
-        "cache": cache,
-        "on_error": on_error,
-    }
+    """The CallSpec of one method call; ``overrides`` are Settings fields given as arguments."""
     return CallSpec(
         model=model,
         system=system,
@@ -138,12 +127,12 @@ class LLMNamespace:
         └────────┴────────────────────────────┘
         """
         spec = _spec(
-            model=model,
-            system=system,
-            params={"temperature": temperature, "max_tokens": max_tokens, **params},
-            post=TextPost(),
-            settings=settings,
-            details=details,
+            TextPost(),
+            model,
+            system,
+            {"temperature": temperature, "max_tokens": max_tokens, **params},
+            settings,
+            details,
             base_url=base_url,
             api_key=api_key,
             concurrency=concurrency,
@@ -194,12 +183,12 @@ class LLMNamespace:
         Struct({'name': String, 'age': Int64})
         """
         spec = _spec(
-            model=model,
-            system=system,
-            params={"temperature": temperature, "max_tokens": max_tokens, **params},
-            post=SchemaPost(schema),
-            settings=settings,
-            details=details,
+            SchemaPost(schema),
+            model,
+            system,
+            {"temperature": temperature, "max_tokens": max_tokens, **params},
+            settings,
+            details,
             base_url=base_url,
             api_key=api_key,
             concurrency=concurrency,
@@ -252,12 +241,12 @@ class LLMNamespace:
         post = LabelPost(labels)
         system = f"{system}\n\n{post.instruction}" if system else post.instruction
         spec = _spec(
-            model=model,
-            system=system,
-            params={"temperature": temperature, "max_tokens": max_tokens, **params},
-            post=post,
-            settings=settings,
-            details=details,
+            post,
+            model,
+            system,
+            {"temperature": temperature, "max_tokens": max_tokens, **params},
+            settings,
+            details,
             base_url=base_url,
             api_key=api_key,
             concurrency=concurrency,
@@ -306,12 +295,12 @@ class LLMNamespace:
         if dimensions is not None:
             params["dimensions"] = dimensions
         spec = _spec(
-            model=model,
-            system=None,
-            params=params,
-            post=EmbedPost(model, dimensions),
-            settings=settings,
-            details=details,
+            EmbedPost(model, dimensions),
+            model,
+            None,
+            params,
+            settings,
+            details,
             base_url=base_url,
             api_key=api_key,
             concurrency=concurrency,
