@@ -657,13 +657,8 @@ class _Enrich:
 # Helpers of enrich
 # --------------------------------------------------------------------------------------------
 def _aborted_message(e: BatchAborted) -> str:
-    reason = e.cause.reason if e.cause is not None else ""
-    hint = {
-        "AuthError": "check --api-key or $OPENAI_API_KEY",
-        "ModelNotFound": "check --model, or the model of the step in the pipeline file",
-        "ConnectionFailed": "check --base-url or $OPENAI_BASE_URL",
-    }.get(reason, "fix the cause and rerun: the answers so far are cached")
-    return f"aborted: {e}; {hint}. Nothing was written to the output"
+    # The engine's message already says what to check; the answers so far are cached.
+    return f"aborted: {e} Nothing was written to the output; a rerun reuses the cached answers"
 
 
 def _open_parquet(path: Path) -> pq.ParquetFile:

@@ -48,6 +48,8 @@ from .transport import Completion, Embeddings, OpenAITransport, Transport
 
 # The embedded model's server decodes one request at a time; more in flight only queue there.
 LOCAL_CONCURRENCY = 2
+# Attempts against an endpoint that has never answered, before the batch stops.
+NEVER_REACHED_ATTEMPTS = 3
 # Seconds a request waits for the first request to a new endpoint, key and model to answer.
 PROBE_WAIT = 10.0
 # Cache keys of the embedded model name the weights, not the random port of this process's server.
@@ -216,6 +218,8 @@ class Batch:
             key_endpoint = endpoint.base_url
         params = {k: v for k, v in spec.params.items() if v is not None}
         params.update(spec.post.body_params())
+        if endpoint.local:
+            params = _for_llama_cpp(params)
         self.params = params
         self.template = RequestTemplate(
             endpoint=key_endpoint,
@@ -469,7 +473,12 @@ class Batch:
                 delay = backoff(attempt, settings.backoff_base, settings.backoff_max)
                 if e.retry_after is not None:
                     delay = max(delay, e.retry_after)
-                if failures >= settings.max_attempts or time.monotonic() + delay > deadline:
+                limit = settings.max_attempts
+                if isinstance(e, ConnectionFailed) and self.base_url not in engine_loop().reached:
+                    # Nothing there has ever answered: a few tries tell a mistyped or dead
+                    # endpoint from a blip, without minutes of backoff.
+                    limit = min(limit, NEVER_REACHED_ATTEMPTS)
+                if failures >= limit or time.monotonic() + delay > deadline:
                     self._maybe_unreachable(e)
                     raise _exhausted(e, attempt) from None
                 self.progress.retries += 1
@@ -527,9 +536,20 @@ class Batch:
             self._abort(
                 ConnectionFailed(
                     f"{error.message}. Nothing at {self.base_url} has answered; check the "
-                    "endpoint URL (base_url= or $OPENAI_BASE_URL) and that the server is up."
+                    "endpoint URL ($OPENAI_BASE_URL, base_url= or --base-url) and that the "
+                    "server is up."
                 )
             )
+
+
+def _for_llama_cpp(params: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's server takes a JSON schema as ``{"type": "json_object", "schema": ...}``
+    (enforced with a grammar) and refuses OpenAI's ``json_schema`` form."""
+    fmt = params.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = fmt.get("json_schema", {}).get("schema")
+        return {**params, "response_format": {"type": "json_object", "schema": schema}}
+    return params
 
 
 def _exhausted(error: RetryableError, attempts: int) -> RowError:

@@ -6,6 +6,7 @@ the schema never serves an answer that was checked against the old ones.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -57,7 +58,12 @@ def _follow_up(text: str, instruction: str) -> list[dict[str, str]]:
 
 
 class LabelPost:
-    """One label of a fixed set per row, as a ``pl.Enum``; any other answer is that row's error."""
+    """One label of a fixed set per row, as a ``pl.Enum``; any other answer is that row's error.
+
+    The request asks for ``{"label": ...}`` through a JSON schema whose enum is the label set, so
+    endpoints with structured output (OpenAI, vLLM, llama.cpp's grammar) can only answer a
+    label. A plain-text answer is still accepted when it names exactly one label.
+    """
 
     def __init__(self, labels: Sequence[str]) -> None:
         labels = list(labels)
@@ -67,16 +73,33 @@ class LabelPost:
             raise ConfigError(f"classify labels must differ ignoring case, got {labels}")
         self.labels = labels
         self.dtype = pl.Enum(labels)
-        self.fingerprint = "labels:" + canonical_json(labels)
+        self.fingerprint = "labels:v2:" + canonical_json(labels)
         self._by_folded = {x.casefold(): x for x in labels}
         self.instruction = (
             "Answer with exactly one of these labels and nothing else: " + ", ".join(labels) + "."
         )
 
     def body_params(self) -> dict[str, Any]:
-        return {}
+        schema = {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": self.labels}},
+            "required": ["label"],
+            "additionalProperties": False,
+        }
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "label", "schema": schema, "strict": True},
+            }
+        }
 
     def parse(self, text: str) -> str:
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and isinstance(answer.get("label"), str):
+            text = answer["label"]
         # Small models decorate their answers: quotes, a full stop, "Label: x", extra words.
         cleaned = text.strip().strip("\"'`*.!").strip()
         found = self._by_folded.get(cleaned.casefold())
@@ -132,9 +155,11 @@ class EmbedPost:
     def __init__(self, model: str | None, dimensions: int | None) -> None:
         dim = dimensions or KNOWN_EMBEDDING_DIMS.get(model or "")
         if not dim or dim < 1:
+            which = f"model {model!r}" if model else "the default embedding model"
             raise ConfigError(
-                f"the size of {model!r}'s embeddings is not known before calling it; "
-                "pass dimensions=N (the model's output size)"
+                f"the size of the embeddings of {which} is not known before calling it; "
+                "pass dimensions=N (its output size), or a known model such as "
+                "model='text-embedding-3-small'"
             )
         self.dim = dim
         self.dtype = pl.Array(pl.Float32, dim)

@@ -32,7 +32,7 @@ def _parse(template: str) -> list[tuple[str, str | None, str | None, str | None]
     except ValueError as e:
         raise TemplateError(
             f"malformed prompt template {template!r}: {e}. Placeholders look like {{column}}; "
-            "write {{{{ and }}}} for literal braces."
+            "write {{ and }} for literal braces."
         ) from e
     for _, name, spec, conversion in parts:
         if name is None:

@@ -158,14 +158,14 @@ def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
             )
         if status in (401, 403):
             return AuthError(
-                f"{base_url} refused the API key ({status}: {detail}). Set a valid key in "
-                "$OPENAI_API_KEY or pass api_key=, and check it may use this model.",
+                f"{base_url} refused the API key ({status}: {detail}). Give a valid key that "
+                "may use this model ($OPENAI_API_KEY, api_key= or --api-key).",
                 status=status,
             )
         if status == 404:
             return ModelNotFound(
-                f"{base_url} answered 404 ({detail}). Check the model name and that base_url "
-                "ends with the API root (usually /v1).",
+                f"{base_url} answered 404 ({detail}). Check the model name (model= or --model) "
+                "and that the endpoint URL ends with the API root (usually /v1).",
                 status=status,
             )
         if status in (408, 409) or status >= 500:

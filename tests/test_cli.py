@@ -526,7 +526,8 @@ def test_bad_api_key_aborts_with_exit_5(tmp_path: Path) -> None:
     assert 1 <= calls <= 5
     line = proc.stderr.splitlines()[-1]
     assert line.startswith("polars-llm: error: aborted: ")
-    assert "Incorrect API key" in line and "check --api-key or $OPENAI_API_KEY" in line
+    assert "Incorrect API key" in line and "--api-key" in line and "$OPENAI_API_KEY" in line
+    assert line.count("--api-key") == 1
     assert "Traceback" not in proc.stderr
     assert not out.exists() and leftovers(tmp_path) == []
 

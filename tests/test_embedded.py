@@ -25,19 +25,23 @@ expr = pl.col("doc").llm.complete(
 )
 first = df.with_columns(a=expr).unnest("a")
 second = df.with_columns(a=expr).unnest("a")
+labels = df.with_columns(
+    k=pl.col("doc").llm.classify(["networking", "text", "data", "system", "other"], max_tokens=16)
+)["k"]
 print(json.dumps({
     "values": first["value"].to_list(),
     "errors": first["error"].to_list(),
     "cached_first": first["cached"].to_list(),
     "cached_second": second["cached"].to_list(),
     "same": first["value"].to_list() == second["value"].to_list(),
+    "labels": labels.cast(pl.String).to_list(),
     "server_pid": local._server.process.pid,
 }))
 """
 
 
 def test_enrichment_on_the_embedded_model(tmp_path: Path) -> None:
-    """With no endpoint, real model text fills each row, a rerun hits the cache, and the server exits with us."""
+    """With no endpoint, real model text fills each row, labels stay in the set, a rerun hits the cache, and the server exits with us."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
     env["POLARS_LLM_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run(
@@ -55,6 +59,8 @@ def test_enrichment_on_the_embedded_model(tmp_path: Path) -> None:
     assert result["cached_first"] == [False, False, False]
     assert result["cached_second"] == [True, True, True]
     assert result["same"]
+    # llama.cpp's grammar holds the model to the label set (classify raises otherwise).
+    assert set(result["labels"]) <= {"networking", "text", "data", "system", "other"}
     assert proc.stderr.count("using the embedded model") == 1
     deadline = time.monotonic() + 10
     while psutil.pid_exists(result["server_pid"]) and time.monotonic() < deadline:

@@ -192,3 +192,17 @@ def test_details_struct_reports_cache_and_tokens(server: FakeServer, use: object
     assert first["prompt_tokens"][0] > 0 and first["completion_tokens"][0] > 0
     assert second["prompt_tokens"][0] == first["prompt_tokens"][0]
     assert json.dumps(second["value"][0]) == json.dumps(first["value"][0])
+
+
+def test_classify_asks_for_a_label_from_the_set(server: FakeServer, use: object) -> None:
+    """classify sends a JSON schema whose enum is the label set, and reads the label from it."""
+    df = pl.DataFrame({"r": ["I love it", "Broken", "Fine"]})
+    out = df.with_columns(s=pl.col("r").llm.classify(["positive", "negative", "neutral"]))
+    assert set(out["s"].to_list()) <= {"positive", "negative", "neutral"}
+    assert out["s"].null_count() == 0
+    fmt = server.history[0]["response_format"]
+    assert fmt["json_schema"]["schema"]["properties"]["label"]["enum"] == [
+        "positive",
+        "negative",
+        "neutral",
+    ]
