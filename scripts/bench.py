@@ -1,0 +1,761 @@
+"""Throughput benchmark: polars-llm against the bound and against a hand-written reference.
+
+For N unique prompts against an endpoint with latency L, a concurrency of C and a rate limit of R
+requests per minute, no client can finish faster than ``N / min(C / L, R / 60)``. This script
+measures how close polars-llm gets, next to the pattern people write by hand today (the
+*reference*): ``asyncio.gather`` over every prompt under an ``asyncio.Semaphore(C)``, with
+``openai.AsyncOpenAI`` left at its defaults and a sleep-and-retry on ``openai.RateLimitError``.
+
+Every measured run gets a fresh fake server in its own process (``spawn_server``), so the client
+is timed alone (``time.process_time`` covers this process only) and no run inherits another's
+connections. polars-llm always goes through the public API, ``df.with_columns(
+a=pl.col("q").llm.complete("Say {q}", settings=...))``, with a fresh cache folder per run, and every
+answer is checked (``"echo: Say <q>"``), so a broken run cannot pass for a fast one.
+
+Scenarios:
+
+1. latency 200 ms ± 50 ms, C = 16, 64, 256, N unique prompts: req/s against the bound.
+2. zero latency, C = 64: client CPU per request and req/s.
+3. half of the rows duplicate (N rows, N/2 unique), latency as in 1, C = 64: calls and wall time.
+4. a fully cached million rows: rows/s and zero calls.
+5. a server limit of R requests/min, the client told R: share of the limit reached, share of 429s.
+
+polars-llm's first batch against an endpoint sends one request alone before the others (a probe, so
+a wrong key costs one call). Runs marked *cold* start on a fresh endpoint, as a one-off script
+does; runs marked *reached* first send one one-row batch, as a notebook's second cell does.
+
+Usage::
+
+    python scripts/bench.py              # full run, about 10-15 minutes on 2 cores
+    python scripts/bench.py --quick      # reduced sizes, under two minutes
+    python scripts/bench.py --scenarios 2,5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import polars as pl
+import psutil
+
+import polars_llm
+from polars_llm.testing import RemoteFakeServer, spawn_server
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "gpt-4o-mini"
+TEMPLATE = "Say {q}"
+LATENCY = 0.2
+JITTER = 0.05
+API_KEY = "bench-key"
+
+# Sizes of the full run and of --quick.
+FULL = {
+    "s1_n": 5_000,
+    "s1_c": [16, 64, 256],
+    "s1_cold_c": [16, 64, 256],
+    "s2_n": 20_000,
+    "s3_n": 5_000,
+    "s3_cold": True,
+    "s4_unique": 100_000,
+    "s4_rows": 1_000_000,
+    "s5_n": 3_000,
+    "s5_rpm": 3_000,
+}
+QUICK = {
+    "s1_n": 320,
+    "s1_c": [16, 64, 256],
+    # A cold start costs up to about 10 s at C >= 64 at the moment (see docs/benchmarks.md): only
+    # the smallest C stays within the quick budget.
+    "s1_cold_c": [16],
+    "s2_n": 1_500,
+    "s3_n": 320,
+    "s3_cold": False,
+    "s4_unique": 3_000,
+    "s4_rows": 99_000,
+    "s5_n": 300,
+    "s5_rpm": 3_000,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# One measured run
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What one client did against one fresh server."""
+
+    client: str
+    n: int  # rows (polars-llm) or prompts (reference)
+    unique: int
+    concurrency: int
+    wall_s: float
+    cpu_s: float
+    server_cpu_s: float
+    calls: int
+    status_counts: dict[int, int]
+    max_in_flight: int
+    load_before: float
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Rows (or prompts) per second of wall time."""
+        return self.n / self.wall_s
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000.0 * self.cpu_s / max(1, self.calls)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rate_per_s"] = self.rate
+        data["cpu_ms_per_request"] = self.cpu_ms_per_request
+        data["status_counts"] = {str(k): v for k, v in self.status_counts.items()}
+        return data
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+@contextmanager
+def _server(**kwargs: Any) -> Iterator[tuple[RemoteFakeServer, psutil.Process]]:
+    with spawn_server(**kwargs) as server:
+        yield server, psutil.Process(server.process.pid)
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _settings(
+    server: RemoteFakeServer, concurrency: int, cache_dir: Path | None, **extra: Any
+) -> polars_llm.Settings:
+    return polars_llm.Settings(
+        base_url=server.base_url,
+        api_key=API_KEY,
+        model=MODEL,
+        concurrency=concurrency,
+        cache=cache_dir is not None,
+        cache_dir=cache_dir,
+        progress=False,
+        **extra,
+    )
+
+
+def _complete(df: pl.DataFrame, settings: polars_llm.Settings) -> pl.DataFrame:
+    """The public API, and a check of every answer."""
+    out = df.with_columns(a=pl.col("q").llm.complete(TEMPLATE, settings=settings))
+    wrong = out.filter(
+        pl.col("a").is_null() | (pl.col("a") != pl.concat_str(pl.lit("echo: Say "), pl.col("q")))
+    )
+    if wrong.height:
+        raise AssertionError(f"polars-llm gave {wrong.height} wrong answer(s), e.g. {wrong.row(0)}")
+    return out
+
+
+def run_polars(
+    server_kwargs: dict[str, Any],
+    prompts: Sequence[str],
+    concurrency: int,
+    *,
+    reached: bool,
+    cache: bool = True,
+    settings_extra: dict[str, Any] | None = None,
+) -> Run:
+    """``df.with_columns(a=pl.col("q").llm.complete(...))`` over the prompts, on a fresh server."""
+    df = pl.DataFrame({"q": list(prompts)})
+    with _server(**server_kwargs) as (server, proc), tempfile.TemporaryDirectory() as tmp:
+        settings = _settings(
+            server, concurrency, Path(tmp) / "cache" if cache else None, **(settings_extra or {})
+        )
+        if reached:
+            # A notebook's earlier cell: the endpoint has answered once in this process.
+            _complete(pl.DataFrame({"q": ["first contact"]}), settings)
+        server.reset_stats()
+        load, server_cpu = _load(), _cpu(proc)
+        cpu, start = time.process_time(), time.perf_counter()
+        _complete(df, settings)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        server_cpu = _cpu(proc) - server_cpu
+        stats = server.stats()
+    return Run(
+        client="polars-llm" + (" (reached)" if reached else " (cold)"),
+        n=len(prompts),
+        unique=len(set(prompts)),
+        concurrency=concurrency,
+        wall_s=wall,
+        cpu_s=cpu,
+        server_cpu_s=server_cpu,
+        calls=stats.calls,
+        status_counts=stats.status_counts,
+        max_in_flight=stats.max_in_flight,
+        load_before=load,
+        notes={"cache": cache, **(settings_extra or {})},
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference: what people write by hand today
+# ------------------------------------------------------------------------------------------------
+REFERENCE_MAX_ATTEMPTS = 10
+
+
+async def reference_complete(
+    base_url: str, prompts: Sequence[str], concurrency: int
+) -> tuple[list[str | None], float, float]:
+    """gather + Semaphore(C) + sleep-and-retry on RateLimitError, default AsyncOpenAI client.
+
+    Returns the answers, the wall time and the process CPU time of the gather itself.
+    """
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY)  # default httpx, max_retries
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> str | None:
+        async with semaphore:
+            for attempt in range(REFERENCE_MAX_ATTEMPTS):
+                try:
+                    response = await client.chat.completions.create(
+                        model=MODEL, messages=[{"role": "user", "content": prompt}]
+                    )
+                    return response.choices[0].message.content
+                except openai.RateLimitError:
+                    await asyncio.sleep(min(2**attempt, 32))
+            raise RuntimeError(f"still rate limited after {REFERENCE_MAX_ATTEMPTS} attempts")
+
+    try:
+        cpu, start = time.process_time(), time.perf_counter()
+        answers = await asyncio.gather(*(one(p) for p in prompts))
+        return answers, time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        await client.close()
+
+
+def run_reference(server_kwargs: dict[str, Any], questions: Sequence[str], concurrency: int) -> Run:
+    prompts = [TEMPLATE.format(q=q) for q in questions]
+    with _server(**server_kwargs) as (server, proc):
+        load, server_cpu = _load(), _cpu(proc)
+        answers, wall, cpu = asyncio.run(reference_complete(server.base_url, prompts, concurrency))
+        server_cpu = _cpu(proc) - server_cpu
+        stats = server.stats()
+    wrong = sum(a != "echo: " + p for a, p in zip(answers, prompts, strict=True))
+    if wrong:
+        raise AssertionError(f"the reference gave {wrong} wrong answer(s)")
+    return Run(
+        client="reference",
+        n=len(prompts),
+        unique=len(set(prompts)),
+        concurrency=concurrency,
+        wall_s=wall,
+        cpu_s=cpu,
+        server_cpu_s=server_cpu,
+        calls=stats.calls,
+        status_counts=stats.status_counts,
+        max_in_flight=stats.max_in_flight,
+        load_before=load,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenarios
+# ------------------------------------------------------------------------------------------------
+def bound_rate(concurrency: int | None, latency: float, rpm: int | None) -> float:
+    """Requests per second no client can beat: min(C / L, R / 60)."""
+    limits = []
+    if concurrency is not None and latency > 0:
+        limits.append(concurrency / latency)
+    if rpm is not None:
+        limits.append(rpm / 60.0)
+    return min(limits) if limits else float("inf")
+
+
+def _questions(tag: str, n: int) -> list[str]:
+    return [f"{tag} question {i}" for i in range(n)]
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _record(run: Run, bound: float | None = None) -> dict[str, Any]:
+    data = run.to_json()
+    if bound is not None and bound != float("inf"):
+        data["bound_per_s"] = bound
+        # Against the bound for the unique prompts: what the client had to send.
+        data["share_of_bound"] = (run.unique / run.wall_s) / bound
+    _log(
+        f"  {run.client:<22} C={run.concurrency:<4} n={run.n:<8} wall={run.wall_s:7.2f}s "
+        f"rate={run.rate:9.1f}/s cpu/req={run.cpu_ms_per_request:6.3f}ms calls={run.calls} "
+        f"429s={run.status_counts.get(429, 0)} load={run.load_before:.1f}"
+    )
+    return data
+
+
+def scenario_1(sizes: dict[str, Any]) -> dict[str, Any]:
+    server = {"latency": LATENCY, "jitter": JITTER}
+    n = sizes["s1_n"]
+    rows = []
+    for c in sizes["s1_c"]:
+        bound = bound_rate(c, LATENCY, None)
+        _log(f"S1 C={c}: N={n}, bound {bound:.0f} req/s")
+        entry: dict[str, Any] = {"concurrency": c, "bound_per_s": bound}
+        if c in sizes["s1_cold_c"]:
+            entry["cold"] = _record(
+                run_polars(server, _questions(f"s1c{c}", n), c, reached=False), bound
+            )
+        entry["reached"] = _record(
+            run_polars(server, _questions(f"s1r{c}", n), c, reached=True), bound
+        )
+        entry["reference"] = _record(run_reference(server, _questions(f"s1x{c}", n), c), bound)
+        rows.append(entry)
+    return {"n": n, "latency_s": LATENCY, "jitter_s": JITTER, "rows": rows}
+
+
+def scenario_2(sizes: dict[str, Any]) -> dict[str, Any]:
+    n, c = sizes["s2_n"], 64
+    _log(f"S2 zero latency: N={n}, C={c}")
+    return {
+        "n": n,
+        "concurrency": c,
+        "polars_llm": _record(run_polars({}, _questions("s2", n), c, reached=False)),
+        "polars_llm_no_cache": _record(
+            run_polars({}, _questions("s2n", n), c, reached=False, cache=False)
+        ),
+        "reference": _record(run_reference({}, _questions("s2x", n), c)),
+    }
+
+
+def scenario_3(sizes: dict[str, Any], s1: dict[str, Any] | None) -> dict[str, Any]:
+    n, c = sizes["s3_n"], 64
+    server = {"latency": LATENCY, "jitter": JITTER}
+    bound = bound_rate(c, LATENCY, None)
+
+    def doubled(tag: str) -> list[str]:
+        rows = _questions(tag, n // 2) * 2
+        random.Random(3).shuffle(rows)
+        return rows
+
+    _log(f"S3 duplicates: {n} rows, {n // 2} unique, C={c}")
+    result: dict[str, Any] = {
+        "n": n,
+        "unique": n // 2,
+        "concurrency": c,
+    }
+    if sizes["s3_cold"]:
+        result["cold"] = _record(run_polars(server, doubled("s3c"), c, reached=False), bound)
+    result["reached"] = _record(run_polars(server, doubled("s3r"), c, reached=True), bound)
+    result["reference"] = _record(run_reference(server, doubled("s3x"), c), bound)
+    if s1 is not None and s1["n"] == n:
+        base = next((r for r in s1["rows"] if r["concurrency"] == c), None)
+        if base is not None:
+            for kind in ("cold", "reached", "reference"):
+                if kind in base and kind in result:
+                    result[f"wall_ratio_{kind}"] = result[kind]["wall_s"] / base[kind]["wall_s"]
+    return result
+
+
+def scenario_4(sizes: dict[str, Any]) -> dict[str, Any]:
+    unique, rows = sizes["s4_unique"], sizes["s4_rows"]
+    questions = _questions("s4", unique)
+    frame = pl.DataFrame({"q": questions})
+    big = pl.DataFrame({"q": questions * (rows // unique)}).sample(
+        fraction=1.0, shuffle=True, seed=4
+    )
+    _log(f"S4 cached: warming {unique} unique prompts, then {big.height} rows")
+    with _server() as (server, proc), tempfile.TemporaryDirectory() as tmp:
+        settings = _settings(server, 64, Path(tmp) / "cache")
+        start = time.perf_counter()
+        _complete(frame, settings)
+        warm_s = time.perf_counter() - start
+        measured = {}
+        for label, df in (("rows", big), ("all_unique", frame)):
+            server.reset_stats()
+            load, server_cpu = _load(), _cpu(proc)
+            cpu, start = time.process_time(), time.perf_counter()
+            _complete(df, settings)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            stats = server.stats()
+            run = Run(
+                client="polars-llm (cached)",
+                n=df.height,
+                unique=unique,
+                concurrency=64,
+                wall_s=wall,
+                cpu_s=cpu,
+                server_cpu_s=_cpu(proc) - server_cpu,
+                calls=stats.calls,
+                status_counts=stats.status_counts,
+                max_in_flight=stats.max_in_flight,
+                load_before=load,
+            )
+            measured[label] = _record(run)
+    return {"unique": unique, "rows": big.height, "warm_s": warm_s, **measured}
+
+
+def scenario_5(sizes: dict[str, Any]) -> dict[str, Any]:
+    n, rpm, c = sizes["s5_n"], sizes["s5_rpm"], 64
+    server = {"rpm": rpm}
+    bound = bound_rate(None, 0.0, rpm)
+    _log(f"S5 server limit {rpm}/min: N={n}, C={c}, bound {bound:.0f} req/s")
+    result: dict[str, Any] = {"n": n, "rpm": rpm, "concurrency": c, "bound_per_s": bound}
+    for key, run in (
+        (
+            "polars_llm",
+            lambda: run_polars(
+                server, _questions("s5", n), c, reached=False, settings_extra={"rpm": rpm}
+            ),
+        ),
+        ("reference", lambda: run_reference(server, _questions("s5x", n), c)),
+    ):
+        data = _record(run(), bound)
+        data["share_429"] = data["status_counts"].get("429", 0) / max(1, data["calls"])
+        result[key] = data
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Goals, tables and the chart
+# ------------------------------------------------------------------------------------------------
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal of the issue, whether this run met it, and the figure it was judged on."""
+    out: list[dict[str, Any]] = []
+
+    def add(goal: str, met: bool, figure: str) -> None:
+        out.append({"goal": goal, "met": bool(met), "figure": figure})
+
+    if s1 := results.get("s1"):
+        for row in s1["rows"]:
+            c = row["concurrency"]
+            target = 0.95 if c <= 64 else 0.85
+            for kind in ("cold", "reached"):
+                if kind in row:
+                    share = row[kind]["share_of_bound"]
+                    add(
+                        f"S1 C={c} {kind}: >= {target:.0%} of bound",
+                        share >= target,
+                        f"{share:.1%}",
+                    )
+    if s2 := results.get("s2"):
+        ours, ref = s2["polars_llm"], s2["reference"]
+        cpu = ours["cpu_ms_per_request"]
+        add("S2 client CPU <= 0.5 ms/request", cpu <= 0.5, f"{cpu:.3f} ms")
+        ratio = ours["rate_per_s"] / ref["rate_per_s"]
+        add("S2 req/s >= 2x reference", ratio >= 2.0, f"{ratio:.2f}x")
+    if s3 := results.get("s3"):
+        for kind in ("cold", "reached"):
+            if kind not in s3:
+                continue
+            calls = s3[kind]["calls"]
+            add(
+                f"S3 {kind}: exactly N/2 calls", calls == s3["unique"], f"{calls} of {s3['unique']}"
+            )
+            ratio = s3.get(f"wall_ratio_{kind}")
+            if ratio is not None:
+                add(
+                    f"S3 {kind}: wall about half of S1 C=64 (0.4-0.6)",
+                    0.4 <= ratio <= 0.6,
+                    f"{ratio:.2f}",
+                )
+    if s4 := results.get("s4"):
+        run = s4["rows"]
+        add(
+            "S4 >= 100,000 rows/s and zero calls",
+            run["rate_per_s"] >= 100_000 and run["calls"] == 0,
+            f"{run['rate_per_s']:,.0f} rows/s, {run['calls']} calls ({s4['unique']:,} unique)",
+        )
+    if s5 := results.get("s5"):
+        ours = s5["polars_llm"]
+        share = ours["rate_per_s"] / s5["bound_per_s"]
+        add(
+            "S5 >= 90% of the limit with < 1% 429s",
+            share >= 0.9 and ours["share_429"] < 0.01,
+            f"{share:.1%} of limit, {ours['share_429']:.2%} 429s",
+        )
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(headers), sep, *(line(r) for r in rows)])
+
+
+def _f(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def tables(results: dict[str, Any]) -> str:
+    """Markdown tables of every scenario that ran."""
+    env = results.get("environment", {})
+    dirty = " + uncommitted library changes" if env.get("uncommitted_library_files") else ""
+    parts: list[str] = [
+        f"{results.get('mode', '?')} run, {env.get('date', '?')}, commit {env.get('commit', '?')}"
+        f"{dirty}, {env.get('cores', '?')} cores, load average "
+        f"{env.get('load_at_start', [0])[0]:.1f} at start"
+    ]
+    if s1 := results.get("s1"):
+        rows = []
+        for row in s1["rows"]:
+            for kind in ("cold", "reached", "reference"):
+                if kind not in row:
+                    continue
+                r = row[kind]
+                rows.append(
+                    [
+                        str(row["concurrency"]),
+                        r["client"],
+                        _f(row["bound_per_s"], 0),
+                        _f(r["rate_per_s"]),
+                        f"{r['share_of_bound']:.1%}",
+                        _f(r["wall_s"], 2),
+                        _f(r["cpu_ms_per_request"], 2),
+                        str(r["calls"]),
+                        str(r["max_in_flight"]),
+                    ]
+                )
+        parts.append(
+            f"S1: latency {s1['latency_s'] * 1000:.0f} ms ± {s1['jitter_s'] * 1000:.0f} ms, "
+            f"N = {s1['n']:,} unique\n\n"
+            + _table(
+                [
+                    "C",
+                    "client",
+                    "bound req/s",
+                    "req/s",
+                    "of bound",
+                    "wall s",
+                    "CPU ms/req",
+                    "calls",
+                    "max in flight",
+                ],
+                rows,
+            )
+        )
+    if s2 := results.get("s2"):
+        rows = [
+            [
+                r["client"] + ("" if r["notes"].get("cache", True) else ", cache=False"),
+                _f(r["rate_per_s"]),
+                _f(r["cpu_ms_per_request"], 3),
+                _f(1000 * r["server_cpu_s"] / max(1, r["calls"]), 3),
+                _f(r["wall_s"], 2),
+                str(r["calls"]),
+                str(r["max_in_flight"]),
+            ]
+            for r in (s2["polars_llm"], s2["polars_llm_no_cache"], s2["reference"])
+        ]
+        ratio = s2["polars_llm"]["rate_per_s"] / s2["reference"]["rate_per_s"]
+        parts.append(
+            f"S2: zero latency, C = {s2['concurrency']}, N = {s2['n']:,}; polars-llm / reference "
+            f"req/s = {ratio:.2f}x\n\n"
+            + _table(
+                [
+                    "client",
+                    "req/s",
+                    "client CPU ms/req",
+                    "server CPU ms/req",
+                    "wall s",
+                    "calls",
+                    "max in flight",
+                ],
+                rows,
+            )
+        )
+    if s3 := results.get("s3"):
+        rows = []
+        for kind in ("cold", "reached", "reference"):
+            if kind not in s3:
+                continue
+            r = s3[kind]
+            ratio = s3.get(f"wall_ratio_{kind}")
+            rows.append(
+                [
+                    r["client"],
+                    str(r["n"]),
+                    str(r["calls"]),
+                    _f(r["wall_s"], 2),
+                    "-" if ratio is None else f"{ratio:.2f}",
+                    f"{r['share_of_bound']:.1%}",
+                ]
+            )
+        parts.append(
+            f"S3: {s3['n']:,} rows, {s3['unique']:,} unique, C = {s3['concurrency']}, latency as "
+            "S1 (bound counts unique prompts)\n\n"
+            + _table(["client", "rows", "calls", "wall s", "wall / S1 C=64 wall", "of bound"], rows)
+        )
+    if s4 := results.get("s4"):
+        rows = [
+            [
+                f"{s4[k]['n']:,} rows",
+                f"{s4['unique']:,}",
+                _f(s4[k]["rate_per_s"], 0),
+                _f(s4[k]["wall_s"], 2),
+                _f(s4[k]["cpu_s"], 2),
+                str(s4[k]["calls"]),
+            ]
+            for k in ("rows", "all_unique")
+        ]
+        parts.append(
+            f"S4: fully cached (warmed with {s4['unique']:,} unique prompts in "
+            f"{s4['warm_s']:.0f} s); reference: n/a, it has no cache\n\n"
+            + _table(["input", "unique prompts", "rows/s", "wall s", "CPU s", "calls"], rows)
+        )
+    if s5 := results.get("s5"):
+        rows = [
+            [
+                r["client"],
+                _f(r["rate_per_s"]),
+                f"{r['rate_per_s'] / s5['bound_per_s']:.1%}",
+                str(r["calls"]),
+                str(r["status_counts"].get("429", 0)),
+                f"{r['share_429']:.2%}",
+                _f(r["wall_s"], 1),
+            ]
+            for r in (s5["polars_llm"], s5["reference"])
+        ]
+        parts.append(
+            f"S5: server limit {s5['rpm']:,} requests/min (bound {s5['bound_per_s']:.0f} req/s), "
+            f"zero latency, C = {s5['concurrency']}, N = {s5['n']:,}\n\n"
+            + _table(["client", "req/s", "of limit", "calls", "429s", "429 share", "wall s"], rows)
+        )
+    if results.get("goals"):
+        rows = [[g["goal"], "met" if g["met"] else "MISSED", g["figure"]] for g in results["goals"]]
+        caveat = (
+            " (quick sizes: fixed costs weigh more, indicative only)"
+            if results.get("mode") == "quick"
+            else ""
+        )
+        parts.append(f"Goals{caveat}\n\n" + _table(["goal", "result", "figure"], rows))
+    return "\n\n".join(parts)
+
+
+def plot(s1: dict[str, Any], path: Path) -> None:
+    """Throughput against concurrency (left) and the same as a share of the bound (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = [r["concurrency"] for r in s1["rows"]]
+    fig, (ax, share) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    ax.plot(cs, [r["bound_per_s"] for r in s1["rows"]], "k--", label="bound: C / L")
+    styles = {
+        "cold": ("o-", "polars-llm, cold endpoint"),
+        "reached": ("s-", "polars-llm, endpoint reached"),
+        "reference": ("^-", "reference: gather + Semaphore + AsyncOpenAI"),
+    }
+    for kind, (style, label) in styles.items():
+        rows = [r for r in s1["rows"] if kind in r]
+        if rows:
+            x = [r["concurrency"] for r in rows]
+            ax.plot(x, [r[kind]["rate_per_s"] for r in rows], style, label=label)
+            share.plot(x, [100 * r[kind]["share_of_bound"] for r in rows], style, label=label)
+    share.plot(cs, [95 if c <= 64 else 85 for c in cs], "k_", markersize=24, label="goal")
+    for axis in (ax, share):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(cs, [str(c) for c in cs])
+        axis.set_xlabel("concurrency C")
+        axis.grid(True, which="both", alpha=0.3)
+    ax.set_yscale("log")
+    ax.set_ylabel("throughput (req/s)")
+    ax.legend(fontsize=8)
+    share.set_ylim(0, 105)
+    share.set_ylabel("share of the bound (%)")
+    share.legend(fontsize=8, loc="lower left")
+    fig.suptitle(
+        f"N = {s1['n']:,} unique prompts, latency {s1['latency_s'] * 1000:.0f} ± "
+        f"{s1['jitter_s'] * 1000:.0f} ms, fake server in its own process, "
+        f"{os.cpu_count()} cores"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def environment() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "polars": pl.__version__,
+        "openai": openai.__version__,
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_library_files": git("status", "--porcelain", "--", "polars_llm").splitlines(),
+        "load_at_start": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sizes, under two minutes")
+    parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "throughput.png")
+    parser.add_argument("--scenarios", default="1,2,3,4,5", help="comma-separated, e.g. 1,3")
+    args = parser.parse_args(argv)
+    wanted = {int(s) for s in args.scenarios.split(",") if s.strip()}
+    sizes = QUICK if args.quick else FULL
+
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "sizes": sizes,
+        "environment": environment(),
+    }
+    started = time.perf_counter()
+    steps: list[tuple[int, str, Callable[[], dict[str, Any]]]] = [
+        (1, "s1", lambda: scenario_1(sizes)),
+        (2, "s2", lambda: scenario_2(sizes)),
+        (3, "s3", lambda: scenario_3(sizes, results.get("s1"))),
+        (4, "s4", lambda: scenario_4(sizes)),
+        (5, "s5", lambda: scenario_5(sizes)),
+    ]
+    for number, key, step in steps:
+        if number in wanted:
+            results[key] = step()
+    results["goals"] = goals(results)
+    results["total_s"] = time.perf_counter() - started
+    results["environment"]["load_at_end"] = os.getloadavg()
+
+    args.json.write_text(json.dumps(results, indent=2))
+    if "s1" in results:
+        plot(results["s1"], args.plot)
+    print(tables(results))
+    print(
+        f"\ntotal {results['total_s']:.0f} s; JSON: {args.json}"
+        + (f"; chart: {args.plot}" if "s1" in results else "")
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
