@@ -53,8 +53,14 @@ class ResultCache:
             self.directory.mkdir(parents=True, exist_ok=True)
             # eviction_policy "none": a cache of paid-for answers is never thinned silently;
             # `polars-llm cache clear` empties it. It also spares a write on every read.
+            # cull_limit 0: nothing expires or is evicted, so skip the culling query that
+            # diskcache otherwise runs on every write.
             self._cache = diskcache.Cache(
-                str(self.directory), disk=_StrictDisk, eviction_policy="none", size_limit=2**62
+                str(self.directory),
+                disk=_StrictDisk,
+                eviction_policy="none",
+                size_limit=2**62,
+                cull_limit=0,
             )
         except OSError as e:
             raise ConfigError(

@@ -450,6 +450,10 @@ class Batch:
             await asyncio.wait_for(lock.acquire(), PROBE_WAIT)
         except asyncio.TimeoutError:
             return await self._retry_loop(send, tokens, deadline)
+        if self._ident in loop.verified:
+            # The probe we queued behind succeeded: everyone may go now, not one by one.
+            lock.release()
+            return await self._retry_loop(send, tokens, deadline)
         try:
             return await self._retry_loop(send, tokens, deadline)
         finally:
