@@ -233,3 +233,12 @@ def test_malformed_endpoint_is_a_config_error() -> None:
         pl.DataFrame({"q": ["x"]}).with_columns(
             a=pl.col("q").llm.complete(base_url="localhost:8000")
         )
+
+
+def test_first_batch_opens_up_after_the_probe_answers() -> None:
+    """On a new endpoint one request goes first; once it answers, the rest go together."""
+    with FakeServer(latency=0.2) as server:
+        polars_llm.configure(base_url=server.base_url, api_key="k", concurrency=32)
+        pl.DataFrame({"q": [f"q{i}" for i in range(40)]}).with_columns(a=pl.col("q").llm.complete())
+    # One at a time would keep this at 1 (40 x 0.2 s is under the probe's 10 s wait).
+    assert server.stats().max_in_flight >= 16
