@@ -19,6 +19,10 @@ Scenarios:
 3. half of the rows duplicate (N rows, N/2 unique), latency as in 1, C = 64: calls and wall time.
 4. a fully cached million rows: rows/s and zero calls.
 5. a server limit of R requests/min, the client told R: share of the limit reached, share of 429s.
+6. two dependent steps on two models (latency 200 ms ± 100 ms, C = 16 each): ``polars_llm.pipeline``
+   against one ``with_columns`` per step; the same frame either way.
+7. ``polars-llm enrich`` on Parquet files of growing size: peak RSS of the CLI process against the
+   size of the frames in memory (bounded memory means RSS barely grows with the file).
 
 polars-llm's first batch against an endpoint sends one request alone before the others (a probe, so
 a wrong key costs one call). Runs marked *cold* start on a fresh endpoint, as a one-off script
@@ -76,6 +80,8 @@ FULL = {
     "s4_rows": 1_000_000,
     "s5_n": 3_000,
     "s5_rpm": 3_000,
+    "s6_n": 800,
+    "s7_rows": [200_000, 2_000_000],
 }
 QUICK = {
     "s1_n": 320,
@@ -90,6 +96,8 @@ QUICK = {
     "s4_rows": 99_000,
     "s5_n": 300,
     "s5_rpm": 3_000,
+    "s6_n": 160,
+    "s7_rows": [200_000, 600_000],
 }
 
 
@@ -433,6 +441,114 @@ def scenario_5(sizes: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # Goals, tables and the chart
 # ------------------------------------------------------------------------------------------------
+def scenario_6(sizes: dict[str, Any]) -> dict[str, Any]:
+    """Two dependent steps on two models: pipelined against one with_columns per step."""
+    n, concurrency, latency, jitter = sizes["s6_n"], 16, 0.2, 0.1
+    df = pl.DataFrame({"topic": [f"topic {i}" for i in range(n)]})
+    steps = [
+        polars_llm.Step("outline", "Outline {topic}", model="model-a"),
+        polars_llm.Step("intro", "Intro for {outline}", model="model-b"),
+    ]
+    walls: dict[str, float] = {}
+    frames: dict[str, pl.DataFrame] = {}
+    for mode in ("step_by_step", "pipelined"):
+        with _server(latency=latency, jitter=jitter) as (server, _):
+            settings = polars_llm.Settings(
+                base_url=server.base_url,
+                api_key=API_KEY,
+                concurrency=concurrency,
+                cache=False,
+                progress=False,
+            )
+            # First contact with both models, outside the timing.
+            polars_llm.pipeline(pl.DataFrame({"topic": ["warm"]}), steps, settings=settings)
+            _log(f"S6 {mode}, n={n}")
+            start = time.perf_counter()
+            if mode == "pipelined":
+                out = polars_llm.pipeline(df, steps, settings=settings)
+            else:
+                out = df.with_columns(
+                    outline=pl.col("topic").llm.complete(
+                        "Outline {topic}", model="model-a", settings=settings
+                    )
+                ).with_columns(
+                    intro=pl.col("outline").llm.complete(
+                        "Intro for {outline}", model="model-b", settings=settings
+                    )
+                )
+            walls[mode] = time.perf_counter() - start
+            frames[mode] = out
+    if not frames["pipelined"].equals(frames["step_by_step"]):
+        raise AssertionError("pipelined and step-by-step frames differ")
+    one_step = n / (concurrency / latency)
+    return {
+        "n": n,
+        "concurrency_per_model": concurrency,
+        "latency": latency,
+        "jitter": jitter,
+        "step_by_step_s": walls["step_by_step"],
+        "pipelined_s": walls["pipelined"],
+        "ratio": walls["pipelined"] / walls["step_by_step"],
+        "one_step_bound_s": one_step,
+        "two_step_bound_s": 2 * one_step,
+    }
+
+
+def scenario_7(sizes: dict[str, Any]) -> dict[str, Any]:
+    """The CLI on files of growing size: peak RSS against the frames' size in memory."""
+    runs = []
+    unique = 2_000
+    # A long review text per row, 2,000 distinct ones, so the file is large in memory while the
+    # calls stay few: the scenario measures memory, not throughput.
+    filler = "The delivery was on time and the packaging was fine. " * 5
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for rows in sizes["s7_rows"]:
+            src, dst = tmp / f"in-{rows}.parquet", tmp / f"out-{rows}.parquet"
+            frame = pl.DataFrame({"id": range(rows)}).with_columns(
+                text=pl.format("review {} of a product. " + filler, pl.col("id") % unique)
+            )
+            frame.write_parquet(src, row_group_size=100_000)
+            input_mb = frame.estimated_size() / 2**20
+            del frame
+            with _server() as (server, _):
+                env = {**os.environ, "POLARS_LLM_CACHE_DIR": str(tmp / f"cache-{rows}")}
+                _log(f"S7 enrich {rows:,} rows")
+                start = time.perf_counter()
+                proc = subprocess.run(
+                    ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "polars_llm.cli",
+                     "enrich", str(src), str(dst), "--step", "s=Sentiment of {text}",
+                     "--base-url", server.base_url, "--api-key", API_KEY, "--no-progress",
+                     "--concurrency", "64"],
+                    env=env, capture_output=True, text=True, check=False,
+                )  # fmt: skip
+                wall = time.perf_counter() - start
+                calls = server.stats().calls
+            if proc.returncode != 0:
+                raise AssertionError(f"enrich failed: {proc.stderr[-2000:]}")
+            peak_mb = int(proc.stderr.strip().splitlines()[-1]) / 1024
+            out = pl.read_parquet(dst)
+            if out.height != rows or out["s"].null_count():
+                raise AssertionError("enrich wrote a wrong output")
+            runs.append(
+                {
+                    "rows": rows,
+                    "unique_prompts": unique,
+                    "calls": calls,
+                    "wall_s": wall,
+                    "peak_rss_mb": peak_mb,
+                    "input_in_memory_mb": input_mb,
+                    "output_in_memory_mb": out.estimated_size() / 2**20,
+                }
+            )
+            del out
+        baseline = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "polars_llm.cli", "--help"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+    return {"runs": runs, "import_rss_mb": int(baseline.stderr.strip().splitlines()[-1]) / 1024}
+
+
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each goal of the issue, whether this run met it, and the figure it was judged on."""
     out: list[dict[str, Any]] = []
@@ -487,6 +603,22 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             "S5 >= 90% of the limit with < 1% 429s",
             share >= 0.9 and ours["share_429"] < 0.01,
             f"{share:.1%} of limit, {ours['share_429']:.2%} 429s",
+        )
+    if s6 := results.get("s6"):
+        add(
+            "S6 pipelined two steps nearer the slower step than the sum (ratio < 0.75)",
+            s6["ratio"] < 0.75,
+            f"{s6['pipelined_s']:.1f} s vs {s6['step_by_step_s']:.1f} s ({s6['ratio']:.2f})",
+        )
+    if s7 := results.get("s7"):
+        small, large = s7["runs"][0], s7["runs"][-1]
+        growth = large["peak_rss_mb"] / small["peak_rss_mb"]
+        add(
+            "S7 peak RSS far below the output frame in memory, and flat in rows",
+            large["peak_rss_mb"] < 0.5 * large["output_in_memory_mb"] and growth < 1.5,
+            f"{large['peak_rss_mb']:.0f} MB peak for {large['rows']:,} rows "
+            f"({large['output_in_memory_mb']:.0f} MB in memory); x{growth:.2f} from "
+            f"{small['rows']:,} rows",
         )
     return out
 
@@ -639,6 +771,37 @@ def tables(results: dict[str, Any]) -> str:
             f"zero latency, C = {s5['concurrency']}, N = {s5['n']:,}\n\n"
             + _table(["client", "req/s", "of limit", "calls", "429s", "429 share", "wall s"], rows)
         )
+    if s6 := results.get("s6"):
+        rows = [
+            ["one with_columns per step", _f(s6["step_by_step_s"], 2), "1.00"],
+            ["polars_llm.pipeline", _f(s6["pipelined_s"], 2), f"{s6['ratio']:.2f}"],
+            ["bound: one step alone", _f(s6["one_step_bound_s"], 2), ""],
+        ]
+        parts.append(
+            f"S6: two dependent steps on two models, N = {s6['n']:,} rows, C = "
+            f"{s6['concurrency_per_model']} per model, latency {s6['latency'] * 1000:.0f} ms "
+            f"± {s6['jitter'] * 1000:.0f} ms\n\n" + _table(["run", "wall s", "ratio"], rows)
+        )
+    if s7 := results.get("s7"):
+        rows = [
+            [
+                f"{r['rows']:,}",
+                str(r["calls"]),
+                _f(r["wall_s"], 1),
+                _f(r["peak_rss_mb"], 0),
+                _f(r["input_in_memory_mb"], 0),
+                _f(r["output_in_memory_mb"], 0),
+            ]
+            for r in s7["runs"]
+        ]
+        parts.append(
+            f"S7: polars-llm enrich, one step, {s7['runs'][0]['unique_prompts']:,} unique prompts; "
+            f"the interpreter with its imports alone peaks at {s7['import_rss_mb']:.0f} MB\n\n"
+            + _table(
+                ["rows", "calls", "wall s", "peak RSS MB", "input frame MB", "output frame MB"],
+                rows,
+            )
+        )
     if results.get("goals"):
         rows = [[g["goal"], "met" if g["met"] else "MISSED", g["figure"]] for g in results["goals"]]
         caveat = (
@@ -721,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under two minutes")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "throughput.png")
-    parser.add_argument("--scenarios", default="1,2,3,4,5", help="comma-separated, e.g. 1,3")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated, e.g. 1,3")
     args = parser.parse_args(argv)
     wanted = {int(s) for s in args.scenarios.split(",") if s.strip()}
     sizes = QUICK if args.quick else FULL
@@ -738,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
         (3, "s3", lambda: scenario_3(sizes, results.get("s1"))),
         (4, "s4", lambda: scenario_4(sizes)),
         (5, "s5", lambda: scenario_5(sizes)),
+        (6, "s6", lambda: scenario_6(sizes)),
+        (7, "s7", lambda: scenario_7(sizes)),
     ]
     for number, key, step in steps:
         if number in wanted:
