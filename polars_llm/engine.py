@@ -102,10 +102,6 @@ class Progress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
-    def merge(self, other: Progress) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 # --------------------------------------------------------------------------------------------
 # The process-wide loop
@@ -125,7 +121,7 @@ class EngineLoop:
         self.limiters: dict[tuple[str, str], Limiter] = {}
         self.inflight: dict[str, asyncio.Future[Outcome]] = {}
         self.reached: set[str] = set()  # endpoints that gave any HTTP answer
-        # (endpoint, key, model) that answered a request successfully: see Batch._send.
+        # (endpoint, key, model) that answered a request successfully: see Batch._retrying.
         self.verified: set[tuple[str, str, str]] = set()
         self._probes: dict[tuple[str, str, str], asyncio.Lock] = {}
 
