@@ -5,13 +5,14 @@ whatever it finds, so a tampered cache folder could run code (CVE-2025-69872). `
 refuses pickled entries outright.
 
 Writes go through one writer thread per cache, which drains everything queued into one
-transaction: the event loop never waits on SQLite, a busy run batches its writes, and a quiet one
+transaction: the event loop never waits on an SQLite write, a busy run batches its writes, and a quiet one
 writes each result as soon as it arrives (a crash keeps what was answered).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 import diskcache
 
-from .errors import ConfigError
+from .errors import CacheWriteError, ConfigError
 
 
 class _StrictDisk(diskcache.Disk):
@@ -120,8 +121,9 @@ class ResultCache:
             done.wait()
         if self._write_error is not None:
             error, self._write_error = self._write_error, None
-            raise ConfigError(
-                f"could not write to the cache at {self.directory}: {error}"
+            raise CacheWriteError(
+                f"could not write to the cache at {self.directory}: {error}. Free some space or "
+                "set cache_dir= / $POLARS_LLM_CACHE_DIR to another folder"
             ) from error
 
     def __len__(self) -> int:
@@ -181,6 +183,16 @@ class ResultCache:
 
 _caches: dict[Path, ResultCache] = {}
 _caches_lock = threading.Lock()
+
+
+def _forget_caches_in_child() -> None:
+    # A forked child has the parent's caches but not their writer threads or connections.
+    global _caches, _caches_lock
+    _caches = {}
+    _caches_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_caches_in_child)
 
 
 def open_cache(directory: Path | str) -> ResultCache:

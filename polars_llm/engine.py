@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 import random
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,11 +30,13 @@ from .cache import ResultCache, open_cache
 from .errors import (
     AuthError,
     BatchAborted,
+    ConfigError,
     ConnectionFailed,
     ContentError,
     EmptyCompletion,
     FatalError,
     ModelNotFound,
+    QuotaExceeded,
     RateLimited,
     RetryableError,
     RowError,
@@ -50,10 +53,13 @@ from .transport import Completion, Embeddings, OpenAITransport, Transport
 LOCAL_CONCURRENCY = 2
 # Attempts against an endpoint that has never answered, before the batch stops.
 NEVER_REACHED_ATTEMPTS = 3
+# Requests failing in a row (5xx, timeouts, connection errors) across an endpoint before the
+# batch stops: at least this, and at least twice the concurrency.
+BREAKER_FAILURES = 50
+# Requests refused (400-like) before an endpoint, key and model ever answered, before stopping.
+REFUSALS_BEFORE_ABORT = 3
 # Seconds a request waits for the first request to a new endpoint, key and model to answer.
 PROBE_WAIT = 10.0
-# Cache keys of the embedded model name the weights, not the random port of this process's server.
-LOCAL_KEY_ENDPOINT = "local:SmolLM2-135M-Instruct.Q4_1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,8 +148,8 @@ class EngineLoop:
                 except concurrent.futures.TimeoutError:
                     if on_wait is not None:
                         on_wait()
-        except KeyboardInterrupt:
-            future.cancel()
+        except BaseException:
+            future.cancel()  # Ctrl-C, or a failing progress callback: stop sending
             raise
 
     def transport(self, endpoint: Endpoint, base_url: str, timeout: float) -> Transport:
@@ -180,6 +186,16 @@ _engine: EngineLoop | None = None
 _engine_lock = threading.Lock()
 
 
+def _forget_engine_in_child() -> None:
+    # A forked child has the parent's engine object but not its thread: start afresh.
+    global _engine, _engine_lock
+    _engine = None
+    _engine_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_engine_in_child)
+
+
 def engine_loop() -> EngineLoop:
     """The process-wide engine loop, started on first use."""
     global _engine
@@ -206,12 +222,9 @@ class Batch:
         self.settings = settings = spec.resolve_settings()
         self.endpoint = endpoint = settings.endpoint(spec.model)
         self.model = spec.model or settings.default_model(endpoint)
-        if endpoint.local:
-            self.base_url = endpoint.base_url  # known once the server runs: see connect()
-            key_endpoint = LOCAL_KEY_ENDPOINT
-        else:
-            self.base_url = endpoint.base_url
-            key_endpoint = endpoint.base_url
+        # For the embedded model the real URL is known once its server runs: see connect().
+        self.base_url = endpoint.base_url
+        key_endpoint = local_key_endpoint() if endpoint.local else endpoint.base_url
         params = {k: v for k, v in spec.params.items() if v is not None}
         params.update(spec.post.body_params())
         if endpoint.local:
@@ -235,6 +248,7 @@ class Batch:
         self._transport: Transport | None = None
         self._limiter: Limiter | None = None
         self._ident = (self.base_url, endpoint.api_key, self.model)
+        self._refusals = 0
 
     def connect(self) -> None:
         """Start the embedded model if this batch needs it (caller's thread: it may take seconds)."""
@@ -256,6 +270,8 @@ class Batch:
         """The outcome a cache entry stands for, or None for a miss or an unreadable entry."""
         if hit is None:
             return None
+        if self.settings.truncated_is_error and hit.get("finish") == "length":
+            return None  # cached when cut-off answers were accepted; now they are not
         try:
             value = self.spec.post.parse(hit["vector"] if self.kind == "embed" else hit["text"])
         except (ContentError, KeyError, TypeError):
@@ -299,7 +315,7 @@ class Batch:
             for i in indices:
                 results[i] = await self.complete_async(keys[i], texts[i])
 
-        await asyncio.gather(*(worker() for _ in range(min(len(texts), self.width()))))
+        await _all_or_none(worker() for _ in range(min(len(texts), self.width())))
         return results
 
     def width(self) -> int:
@@ -383,7 +399,12 @@ class Batch:
                 continue
             usage = [completion.prompt_tokens, completion.completion_tokens]
             if self.cache is not None:
-                self.cache.put(key, {"text": completion.text, "usage": usage})
+                entry = {
+                    "text": completion.text,
+                    "usage": usage,
+                    "finish": completion.finish_reason,
+                }
+                self.cache.put(key, entry)
             return Outcome(value, None, False, *usage)
 
     async def embed_many_async(
@@ -427,7 +448,7 @@ class Batch:
                     self._count(outcome)
 
         workers = min(self.width(), -(-len(texts) // batch_size))
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        await _all_or_none(worker() for _ in range(workers))
         return results
 
     async def _retrying(
@@ -470,6 +491,7 @@ class Batch:
                 # A 429 says "later", not "broken": only the time budget bounds those retries,
                 # while other failures also count against max_attempts.
                 failures += not isinstance(e, RateLimited)
+                self._check_breaker(e)
                 delay = backoff(attempt, settings.backoff_base, settings.backoff_max)
                 if e.retry_after is not None:
                     delay = max(delay, e.retry_after)
@@ -484,9 +506,30 @@ class Batch:
                 self.progress.retries += 1
                 await asyncio.sleep(delay)
             except FatalError as e:
-                if isinstance(e, (AuthError, ModelNotFound)):
+                if isinstance(e, (AuthError, ModelNotFound, QuotaExceeded)):
                     self._abort(e)
+                elif self._ident not in engine_loop().verified:
+                    # Refused before anything ever succeeded here: the endpoint likely rejects
+                    # the request's shape (e.g. response_format), not this one row.
+                    self._refusals += 1
+                    if self._refusals >= REFUSALS_BEFORE_ABORT:
+                        self._abort(e)
                 raise
+
+    def _check_breaker(self, error: RetryableError) -> None:
+        """Stop the batch when the endpoint keeps failing for everyone (it went down mid-run)."""
+        if isinstance(error, RateLimited):
+            return
+        limiter = self._limiter
+        assert limiter is not None
+        if limiter.consecutive_failures >= max(BREAKER_FAILURES, 2 * limiter.max_concurrency):
+            self._abort(
+                type(error)(
+                    f"{limiter.consecutive_failures} requests in a row failed with no success "
+                    f"in between; last: {error.message}. The endpoint seems down; check it, "
+                    "then rerun (answers so far are cached)."
+                )
+            )
 
     async def _attempt(self, send: Callable[[], Awaitable[Any]], tokens: int) -> Any:
         limiter = self._limiter
@@ -500,6 +543,8 @@ class Batch:
                 engine_loop().reached.add(self.base_url)
             if isinstance(e, RateLimited):
                 limiter.on_rate_limited(e.retry_after)
+            elif isinstance(e, RetryableError):
+                limiter.on_failure()
             raise
         finally:
             limiter.release()
@@ -540,6 +585,27 @@ class Batch:
                     "server is up."
                 )
             )
+
+
+async def _all_or_none(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run workers together; if one fails unexpectedly, cancel the rest (no more paid calls)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+@functools.lru_cache(maxsize=1)
+def local_key_endpoint() -> str:
+    """What cache keys of the embedded model name: its weights file, not this process's port."""
+    from .local import local_model_path
+
+    path = local_model_path()
+    return f"local:{path.name}:{path.stat().st_size}"
 
 
 def _for_llama_cpp(params: dict[str, Any]) -> dict[str, Any]:
@@ -620,6 +686,11 @@ def complete_series(prompts: pl.Series, spec: CallSpec) -> pl.Series:
 
 def embed_series(inputs: pl.Series, spec: CallSpec, batch_size: int) -> pl.Series:
     """The embedding of each input in row order; equal inputs are sent once."""
+    if spec.resolve_settings().endpoint(spec.model).local:
+        raise ConfigError(
+            "the embedded model serves chat completions, not embeddings; give an embeddings "
+            "endpoint (base_url= or $OPENAI_BASE_URL) and model="
+        )
     return _map_unique(inputs, spec, "embed", lambda b, t, k: b.embed_many_async(t, k, batch_size))
 
 

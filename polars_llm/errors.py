@@ -6,6 +6,7 @@ Every error says what went wrong and what to do about it. The tree::
     ├── ConfigError            bad settings or arguments (fix the call or the config)
     │   └── TemplateError      a prompt template is malformed or names a missing column
     ├── InputError             the input data or file cannot be used
+    ├── CacheWriteError        answers could not be written to the cache folder
     ├── BatchAborted           a fatal error (bad key, unknown model) stopped the whole batch
     ├── TooManyFailures        more rows failed than the caller allowed
     └── RowError               why one row has no value (kept per row with on_error="null")
@@ -16,6 +17,7 @@ Every error says what went wrong and what to do about it. The tree::
         │   └── ConnectionFailed  the connection failed or was reset
         ├── FatalError         the endpoint refused the request; retrying will not help
         │   ├── AuthError      HTTP 401/403: the API key is missing or wrong
+        │   ├── QuotaExceeded  HTTP 429 insufficient_quota: the account is out of credit
         │   ├── ModelNotFound  HTTP 404: no such model or endpoint path
         │   └── BadRequest     HTTP 400/413/422: this request is malformed or too long
         └── ContentError       the endpoint answered, but the answer is not usable
@@ -44,6 +46,10 @@ class TemplateError(ConfigError):
 
 class InputError(PolarsLLMError):
     """The input data or file cannot be used."""
+
+
+class CacheWriteError(PolarsLLMError):
+    """Answers could not be written to the cache folder (full disk, permissions)."""
 
 
 class BatchAborted(PolarsLLMError):
@@ -77,8 +83,6 @@ class RowError(PolarsLLMError):
     returned when the problem is with its content.
     """
 
-    retryable = False
-
     def __init__(
         self,
         message: str,
@@ -101,8 +105,6 @@ class RowError(PolarsLLMError):
 
 class RetryableError(RowError):
     """An error worth another attempt after a pause."""
-
-    retryable = True
 
 
 class RateLimited(RetryableError):
@@ -127,6 +129,10 @@ class FatalError(RowError):
 
 class AuthError(FatalError):
     """HTTP 401/403: the API key is missing, wrong or not allowed."""
+
+
+class QuotaExceeded(FatalError):
+    """HTTP 429 with code insufficient_quota: no retry helps until the account has credit."""
 
 
 class ModelNotFound(FatalError):

@@ -45,7 +45,8 @@ class LLMNamespace:
 
     def _prompts(self, template: str | None) -> pl.Expr:
         if template is None:
-            return self._expr
+            # Numbers must reach the endpoint as text (an int list is token ids to OpenAI).
+            return self._expr.cast(pl.String)
         return render(template, self_expr=self._expr)
 
     def _apply(
@@ -219,7 +220,7 @@ class LLMNamespace:
 
         The model is told the labels in the system message. Answers are matched ignoring case,
         quotes and trailing punctuation; an answer naming no label (or several) is asked again
-        once, then becomes that row's error rather than a new label. Other parameters are as in
+        up to twice, then becomes that row's error rather than a new label. Other parameters are as in
         :meth:`complete`.
 
         Examples
@@ -239,7 +240,7 @@ class LLMNamespace:
         ['positive', 'negative']
         """
         post = LabelPost(labels)
-        system = f"{system}\n\n{post.instruction}" if system else post.instruction
+        system = post.system(system)
         spec = _spec(
             post,
             model,

@@ -70,6 +70,7 @@ class Limiter:
         # Shrinks with each success until it vanishes.
         self._spacing = 0.0
         self._last_cut = -1e9
+        self.consecutive_failures = 0  # 5xx, timeouts, connection errors since the last success
         self.configure(concurrency, rpm, tpm)
 
     # -- settings --------------------------------------------------------------------------
@@ -85,6 +86,11 @@ class Limiter:
             self._tpm_value = tpm
             self._tpm = TokenBucket(tpm, CLIENT_BURST_SECONDS, self._clock) if tpm else None
         self._wake()
+
+    @property
+    def max_concurrency(self) -> int:
+        """The configured concurrency."""
+        return self._max
 
     @property
     def limit(self) -> int:
@@ -150,10 +156,15 @@ class Limiter:
     # -- feedback --------------------------------------------------------------------------
     def on_success(self) -> None:
         """Grow the adaptive limit back by about one slot per full window of successes."""
+        self.consecutive_failures = 0
         self._spacing = 0.0 if self._spacing < 1e-3 else self._spacing * 0.9
         if self._limit < self._max:
             self._limit = min(float(self._max), self._limit + 1.0 / self._limit)
             self._wake()
+
+    def on_failure(self) -> None:
+        """A 5xx, timeout or connection error: counted until the next success."""
+        self.consecutive_failures += 1
 
     def on_rate_limited(self, retry_after: float | None) -> None:
         """A 429: pause new requests to this endpoint and cut the concurrency limit."""

@@ -263,6 +263,10 @@ def _start() -> _Server:
             _wait_until_ready(server)
         except _PortTaken:
             continue
+        except BaseException:
+            # Ctrl-C or a failed start: do not leave a half-started server behind.
+            _stop(server, remove_log=False)
+            raise
         return server
     raise ConfigError(
         "could not start the embedded model's server: every port tried was taken by another "

@@ -79,6 +79,10 @@ class LabelPost:
             "Answer with exactly one of these labels and nothing else: " + ", ".join(labels) + "."
         )
 
+    def system(self, system: str | None) -> str:
+        """The system message: the caller's, then the instruction naming the labels."""
+        return f"{system}\n\n{self.instruction}" if system else self.instruction
+
     def body_params(self) -> dict[str, Any]:
         schema = {
             "type": "object",

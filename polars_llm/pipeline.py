@@ -77,9 +77,7 @@ class Step:
 
     def spec(self, settings: Settings | None) -> CallSpec:
         post = self.post()
-        system = self.system
-        if isinstance(post, LabelPost):
-            system = f"{system}\n\n{post.instruction}" if system else post.instruction
+        system = post.system(self.system) if isinstance(post, LabelPost) else self.system
         return CallSpec(
             model=self.model,
             system=system,

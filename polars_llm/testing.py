@@ -122,6 +122,8 @@ class FakeServer:
     left without an answer for ``hang_seconds`` (then answered as usual), or whose
     connection is reset.
     ``api_key`` and ``models``, when given, are the only key and models accepted.
+    ``quota_exhausted`` answers every request 429 ``insufficient_quota``, as OpenAI does for an
+    account out of credit.
     ``reply(body)`` returns the chat reply text, instead of the default echo or
     schema-valid JSON; it runs on the server's event loop, so it should be quick.
     Requests run concurrently on that loop; ``stats()``, ``reset_stats()`` and
@@ -143,6 +145,7 @@ class FakeServer:
         hang_seconds: float = 3600.0,
         api_key: str | None = None,
         models: Iterable[str] | None = None,
+        quota_exhausted: bool = False,
         embedding_dim: int = 8,
         seed: int = 0,
         host: str = "127.0.0.1",
@@ -176,6 +179,7 @@ class FakeServer:
         self.hang_seconds = hang_seconds
         self.api_key = api_key
         self.models = list(models) if models is not None else None
+        self.quota_exhausted = quota_exhausted
         self.embedding_dim = embedding_dim
         self.seed = seed
         self.host = host
@@ -421,6 +425,13 @@ class FakeServer:
             return refusal
         if body.get("stream"):
             return _error(400, "The fake server does not stream; call without stream=True.")
+        if self.quota_exhausted:
+            return _error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+            )
 
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if not isinstance(max_tokens, int) or max_tokens <= 0:

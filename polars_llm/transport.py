@@ -1,6 +1,7 @@
 """HTTP to an OpenAI-compatible endpoint through the official SDK, with our own error types.
 
-One ``OpenAITransport`` per endpoint lives on the engine loop for the life of the process. The
+One ``OpenAITransport`` per endpoint, key and timeout lives on the engine loop for the life of
+the process. The
 SDK's own retries are off (``max_retries=0``): the engine owns the retry policy, because the SDK
 gives up after about 1.5 s, far too soon for a 429 storm.
 """
@@ -24,6 +25,7 @@ from .errors import (
     BadRequest,
     ConnectionFailed,
     ModelNotFound,
+    QuotaExceeded,
     RateLimited,
     RequestTimeout,
     RowError,
@@ -122,14 +124,16 @@ class OpenAITransport:
             raise map_error(e, self.base_url) from e
         except json.JSONDecodeError as e:
             raise ServerError(f"the endpoint returned a body that is not JSON: {e}") from e
-        items = sorted(data.get("data") or [], key=lambda d: d.get("index", 0))
-        if len(items) != len(inputs):
-            raise ServerError(f"asked for {len(inputs)} embeddings, got {len(items)}")
-        usage = data.get("usage") or {}
-        return Embeddings(
-            vectors=[list(map(float, d["embedding"])) for d in items],
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        )
+        try:
+            items = sorted(data["data"], key=lambda d: d.get("index", 0))
+            vectors = [[float(x) for x in d["embedding"]] for d in items]
+            usage = data.get("usage") or {}
+            tokens = int(usage.get("prompt_tokens") or 0)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ServerError(f"the endpoint returned an unexpected body: {str(data)[:200]}") from e
+        if len(vectors) != len(inputs):
+            raise ServerError(f"asked for {len(inputs)} embeddings, got {len(vectors)}")
+        return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -150,6 +154,12 @@ def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
         status = error.status_code
         detail = _error_detail(error)
         headers = error.response.headers
+        if status == 429 and _error_code(error) == "insufficient_quota":
+            return QuotaExceeded(
+                f"{base_url} says the account is out of quota ({detail}). Add credit or use "
+                "another key; retrying will not help.",
+                status=status,
+            )
         if status == 429:
             return RateLimited(
                 f"rate limited (429) by {base_url}: {detail}",
@@ -169,7 +179,11 @@ def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
                 status=status,
             )
         if status in (408, 409) or status >= 500:
-            return ServerError(f"{base_url} failed ({status}: {detail})", status=status)
+            return ServerError(
+                f"{base_url} failed ({status}: {detail})",
+                status=status,
+                retry_after=retry_after(headers),
+            )
         return BadRequest(f"{base_url} rejected the request ({status}: {detail})", status=status)
     return RowError(f"unexpected error from the OpenAI client: {error}")
 
@@ -191,6 +205,14 @@ def _connection_refused(error: BaseException) -> BaseException | None:
         if isinstance(cause, ConnectionRefusedError):
             return cause
         cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _error_code(error: openai.APIStatusError) -> str | None:
+    body = error.body
+    inner = body.get("error", body) if isinstance(body, Mapping) else None
+    if isinstance(inner, Mapping):
+        return str(inner.get("code") or inner.get("type") or "") or None
     return None
 
 
@@ -230,7 +252,10 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
         try:
             return max(0.0, float(value))
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if value else None
+            try:
+                parsed = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                parsed = None  # neither seconds nor an HTTP date: ignore it
             if parsed is not None:
                 return max(0.0, parsed.timestamp() - time.time())
     resets = [

@@ -242,3 +242,65 @@ def test_first_batch_opens_up_after_the_probe_answers() -> None:
         pl.DataFrame({"q": [f"q{i}" for i in range(40)]}).with_columns(a=pl.col("q").llm.complete())
     # One at a time would keep this at 1 (40 x 0.2 s is under the probe's 10 s wait).
     assert server.stats().max_in_flight >= 16
+
+
+def test_numbers_are_sent_as_text_without_a_template(server: FakeServer, use: object) -> None:
+    """A numeric column used as the prompt itself is sent as text."""
+    out = pl.DataFrame({"n": [7, 42]}).with_columns(a=pl.col("n").llm.complete())
+    assert out["a"].to_list() == ["echo: 7", "echo: 42"]
+
+
+def test_embeddings_on_the_embedded_model_are_refused_upfront() -> None:
+    """The embedded model serves no embeddings: embed says so instead of failing row by row."""
+    with pytest.raises(polars_llm.ConfigError, match="not embeddings"):
+        pl.DataFrame({"t": ["x"]}).with_columns(v=pl.col("t").llm.embed(model="m", dimensions=4))
+
+
+CHILD_AFTER_FORK = """
+import asyncio, multiprocessing as mp, sys
+from polars_llm.cache import open_cache
+from polars_llm.engine import engine_loop
+
+async def answer():
+    await asyncio.sleep(0)
+    return 42
+
+def child(folder, queue):
+    # Polars itself is not fork-safe once its thread pool has run a query (it advises the
+    # spawn start method), so the child exercises polars-llm's own process-wide parts.
+    cache = open_cache(folder)
+    cache.put("k", {"text": "child"})
+    cache.flush()
+    queue.put((engine_loop().run(answer()), cache.get("k")["text"]))
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    assert engine_loop().run(answer()) == 42
+    cache = open_cache(folder)
+    cache.put("p", {"text": "parent"})
+    cache.flush()
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(folder, queue))
+    proc.start()
+    print(*queue.get(timeout=60))
+    proc.join(timeout=60)
+    print(proc.exitcode)
+"""
+
+
+def test_a_forked_child_process_works(tmp_path: Path) -> None:
+    """After a fork, the child starts its own engine loop and cache writer instead of hanging."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_child.py"
+    script.write_text(CHILD_AFTER_FORK)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["42", "child", "0"]

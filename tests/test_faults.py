@@ -341,3 +341,57 @@ def test_too_many_failures_carries_the_counts() -> None:
         with pytest.raises(TooManyFailures) as info:
             frame(10).with_columns(a=pl.col("q").llm.complete("Say {q}"))
     assert (info.value.failed, info.value.total) == (5, 10)
+
+
+def test_exhausted_quota_stops_the_batch() -> None:
+    """A 429 insufficient_quota is not retried: the batch stops with a message about credit."""
+    with FakeServer(quota_exhausted=True) as server:
+        point(server)
+        with pytest.raises(polars_llm.BatchAborted, match="out of quota"):
+            frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
+        assert server.stats().calls <= 3
+
+
+def test_endpoint_dying_mid_run_stops_the_batch() -> None:
+    """When every request fails after the endpoint has answered, a breaker stops the batch
+    after a bounded number of calls instead of retrying every row."""
+    answered = [0]
+
+    def reply(body: dict) -> str:
+        answered[0] += 1
+        if answered[0] > 20:
+            raise RuntimeError("the model server crashed")
+        return "fine"
+
+    with FakeServer(reply=reply) as server:
+        point(server, concurrency=8, max_attempts=8)
+        with pytest.raises(polars_llm.BatchAborted, match="in a row failed"):
+            frame(2000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
+        calls = server.stats().calls
+    # 20 successes, then the breaker (50 consecutive failures) plus what was in flight.
+    assert calls <= 20 + 50 + 2 * 8
+
+
+def test_requests_refused_before_any_success_stop_the_batch(server: FakeServer) -> None:
+    """An endpoint that refuses the request's shape (400) before anything ever succeeded stops
+    the batch after a few calls, instead of failing every row one by one."""
+    point(server)
+    with pytest.raises(polars_llm.BatchAborted, match="does not stream"):
+        frame(500).with_columns(a=pl.col("q").llm.complete("Say {q}", stream=True))
+    assert server.stats().calls <= 3
+
+
+def test_truncated_answers_cached_earlier_are_not_served_when_they_became_errors(
+    server: FakeServer,
+) -> None:
+    """An answer cut off at max_tokens, cached while that was accepted, is asked again once
+    truncated_is_error is on (and then reported as Truncated)."""
+    point(server)
+    df = pl.DataFrame({"q": ["a rather long prompt that the fake server will echo back"]})
+    kept = df.with_columns(a=pl.col("q").llm.complete(max_tokens=2))
+    assert kept["a"][0] is not None
+    calls = server.stats().calls
+    point(server, truncated_is_error=True, on_error="null")
+    out = df.with_columns(a=pl.col("q").llm.complete(max_tokens=2, details=True)).unnest("a")
+    assert server.stats().calls == calls + 1
+    assert out["error"][0].startswith("Truncated")
