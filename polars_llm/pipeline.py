@@ -366,9 +366,12 @@ def plan(
         if inputs
         else [{} for _ in range(df.height)]
     )
-    pending = [False] * df.height
+    # Per row, the steps whose answer a run would still have to ask for: a later step is unknown
+    # for a row only if its template reads one of them.
+    pending: list[set[str]] = [set() for _ in range(df.height)]
     plans: list[StepPlan] = []
     for step in steps:
+        deps = set(placeholders(step.template))
         batch = Batch(step.spec(base))
         template = _Template(step.template)
         literal = sum(len(lit) for lit, _ in template.parts)
@@ -376,8 +379,9 @@ def plan(
         sp = StepPlan(step.name, batch.model)
         texts: dict[str, list[int]] = {}
         for i, values in enumerate(rows):
-            if pending[i]:
+            if deps & pending[i]:
                 sp.unknown += 1
+                pending[i].add(step.name)
                 continue
             text = template.render(values)
             if text is None:
@@ -397,7 +401,7 @@ def plan(
             sp.est_prompt_tokens += estimate_tokens(text) + batch._system_tokens
             sp.est_completion_tokens += max_tokens
             for i in row_ids:
-                pending[i] = True
+                pending[i].add(step.name)
         sp.est_prompt_tokens += sp.unknown * (literal // 4 + max_tokens)
         sp.est_completion_tokens += sp.unknown * max_tokens
         price = PRICES.get(batch.model)

@@ -193,3 +193,15 @@ def test_fan_out_fan_in(server: FakeServer, use: object) -> None:
         wanted = sections.filter(pl.col("topic") == row["topic"])["section"].to_list()
         for section in wanted:
             assert f"Write the section '{section}' about {row['topic']}" in row["intro"]
+
+
+def test_plan_counts_independent_steps_from_the_cache(server: FakeServer, use: object) -> None:
+    """A step that reads only input columns is planned from the cache even when an earlier,
+    unrelated step has answers still to fetch."""
+    df = pl.DataFrame({"text": ["a", "b"], "lang": ["en", "fr"]})
+    steps = [Step("s1", "One {text}"), Step("s2", "Two {lang}"), Step("s3", "Three {s1}")]
+    df.with_columns(s2=pl.col("lang").llm.complete("Two {lang}"))  # only s2 is cached
+    plans = {p.name: p for p in plan(df, steps)}
+    assert (plans["s1"].to_send, plans["s1"].unknown) == (2, 0)
+    assert (plans["s2"].cached, plans["s2"].unknown) == (2, 0)
+    assert plans["s3"].unknown == 2
