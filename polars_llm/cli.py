@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import fcntl
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -422,6 +424,7 @@ class _Enrich:
         self.stats = PipelineStats()
         self.plan_rows: list[dict[str, Any]] | None = None
         self.first_error: str | None = None
+        self.committed = False  # the output is in place
 
     # -- entry ---------------------------------------------------------------------------------
     def run(self) -> int:
@@ -431,10 +434,14 @@ class _Enrich:
                 self._run()
             code = EXIT_OK
         except _Interrupted as e:
-            code = e.code
-            what = "interrupted" if code == EXIT_INTERRUPTED else "terminated"
-            error = f"{what}; nothing was written to {self.opts.output}"
-            _say(f"{error}. Rerun the same command to resume: the answers so far are cached.")
+            if self.committed:
+                # The signal came after the output was moved into place: the run succeeded.
+                code = EXIT_OK
+            else:
+                code = e.code
+                what = "interrupted" if code == EXIT_INTERRUPTED else "terminated"
+                error = f"{what}; nothing was written to {self.opts.output}"
+                _say(f"{error}. Rerun the same command to resume: the answers so far are cached.")
         except click.UsageError:
             raise
         except InputError as e:
@@ -574,6 +581,7 @@ class _Enrich:
                     out.write(table)
                     del df, enriched, added, table
                 out.commit()
+                self.committed = True
         finally:
             progress.close(self.stats)
         failed = self.stats.rows_failed
@@ -778,30 +786,22 @@ def _temp_prefix(path: Path) -> str:
 
 
 def _remove_stale_temp_files(path: Path) -> None:
-    """Delete temporary files left next to ``path`` by runs that were killed (kill -9)."""
+    """Delete temporary files left next to ``path`` by runs that were killed (kill -9).
+
+    A live run holds an exclusive lock on its temporary file; the kernel drops it when the
+    process dies, whatever host or container it ran in. A file we can lock is abandoned.
+    """
     prefix = _temp_prefix(path)
-    folder = path.parent
     with contextlib.suppress(OSError):
-        for entry in folder.iterdir():
+        for entry in path.parent.iterdir():
             if not entry.name.startswith(prefix):
                 continue
             try:
-                pid = int(entry.name[len(prefix) :])
-            except ValueError:
-                continue
-            if pid != os.getpid() and not _alive(pid):
-                with contextlib.suppress(OSError):
+                with open(entry, "rb") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     entry.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+            except OSError:
+                continue  # locked by a run in progress, or already gone
 
 
 class _AtomicParquet:
@@ -813,13 +813,18 @@ class _AtomicParquet:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = path.parent / f"{_temp_prefix(path)}{os.getpid()}"
+        self.tmp = path
         self.fh: Any = None
         self.writer: pq.ParquetWriter | None = None
         self.schema: pa.Schema | None = None
 
     def __enter__(self) -> _AtomicParquet:
-        self.fh = open(self.tmp, "wb")  # closed in commit or __exit__
+        # A unique name (two containers may share a pid) and an exclusive lock held while the
+        # file is written, which tells other runs it is not abandoned.
+        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=_temp_prefix(self.path))
+        self.tmp = Path(name)
+        self.fh = os.fdopen(fd, "wb")  # closed in commit or __exit__
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
         return self
 
     def write(self, table: pa.Table) -> None:

@@ -575,3 +575,35 @@ def test_help_explains_every_option_and_the_exit_codes() -> None:
     assert text.count("Example:") >= 15
     assert "Exit codes:" in text and "130" in text
     assert "polars-llm enrich reviews.parquet enriched.parquet" in text
+
+
+def test_abandoned_temp_files_are_removed_but_live_ones_kept(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    """A temp file left by a killed run is deleted; one locked by a run in progress is not."""
+    src = write(reviews(), tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    abandoned = tmp_path / ".out.parquet.tmp-abandoned"
+    abandoned.write_bytes(b"partial")
+    live = tmp_path / ".out.parquet.tmp-live"
+    live.write_bytes(b"in progress")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time\n"
+            f"f = open({str(live)!r}, 'rb'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        result = invoke(["enrich", str(src), str(out), "--step", SENTIMENT, *endpoint(server)])
+        assert result.exit_code == 0, result.stderr
+        assert not abandoned.exists()
+        assert live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
