@@ -5,8 +5,8 @@ whatever it finds, so a tampered cache folder could run code (CVE-2025-69872). `
 refuses pickled entries outright.
 
 Writes go through one writer thread per cache, which drains everything queued into one
-transaction: the event loop never waits on an SQLite write, a busy run batches its writes, and a quiet one
-writes each result as soon as it arrives (a crash keeps what was answered).
+transaction: the event loop never waits on an SQLite write, a busy run batches its writes, and a
+quiet one writes each result as soon as it arrives (a crash keeps what was answered).
 """
 
 from __future__ import annotations

@@ -55,7 +55,8 @@ class Settings:
     timeout
         Seconds one request may take before it is abandoned and retried.
     max_attempts
-        Attempts per request for retryable errors (429, 5xx, timeouts, connection errors).
+        Attempts per request for 5xx, timeouts and connection errors. 429s do not count: they
+        are retried, after the wait the endpoint asks for, until ``retry_budget`` runs out.
     retry_budget
         Seconds a row may spend across all its attempts, waits included.
     backoff_base, backoff_max
