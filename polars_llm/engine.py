@@ -283,7 +283,8 @@ class Batch:
         """Run loop-side work with a progress bar, flush the cache, raise if the batch aborted."""
         self.connect()
         self.progress.total = total
-        bar = _progress_bar(self.settings, total, self.progress)
+        p = self.progress
+        bar = progress_bar(self.settings, total, lambda: (p.done, p.cached, p.failed))
         try:
             result = engine_loop().run(coro, on_wait=bar.update if bar else None)
         finally:
@@ -634,26 +635,30 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
-def _progress_bar(settings: Settings, total: int, progress: Progress) -> _Bar | None:
+def progress_bar(
+    settings: Settings, total: int, counts: Callable[[], tuple[int, int, int]], unit: str = "req"
+) -> ProgressBar | None:
+    """A bar on a terminal (or as ``settings.progress`` says), fed by ``counts()`` =
+    (done, cached, failed); None when it should not show."""
     show = settings.progress if settings.progress is not None else sys.stderr.isatty()
     if not show or total == 0:
         return None
-    return _Bar(total, progress)
+    return ProgressBar(total, counts, unit)
 
 
-class _Bar:
-    """A tqdm bar fed from a batch's counters while the caller waits."""
+class ProgressBar:
+    """A tqdm bar redrawn from running counters while the caller waits."""
 
-    def __init__(self, total: int, progress: Progress) -> None:
+    def __init__(self, total: int, counts: Callable[[], tuple[int, int, int]], unit: str) -> None:
         from tqdm import tqdm
 
-        self.progress = progress
-        self.bar = tqdm(total=total, unit="req", desc="polars-llm", leave=False)
+        self.counts = counts
+        self.bar = tqdm(total=total, unit=unit, desc="polars-llm", leave=False)
 
     def update(self) -> None:
-        p = self.progress
-        self.bar.n = p.done
-        self.bar.set_postfix(cached=p.cached, failed=p.failed, refresh=False)
+        done, cached, failed = self.counts()
+        self.bar.n = done
+        self.bar.set_postfix(cached=cached, failed=failed, refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from .engine import Batch, CallSpec, Outcome, engine_loop, estimate_tokens
+from .engine import Batch, CallSpec, Outcome, engine_loop, estimate_tokens, progress_bar
 from .errors import ConfigError, TemplateError, TooManyFailures
 from .outputs import LabelPost, PostProcess, SchemaPost, TextPost
 from .prompt import _parse, placeholders, render
@@ -212,7 +212,8 @@ def pipeline(
 
     Returns ``df`` with one column per step appended, and with ``on_error="null"`` a String
     column ``llm_error`` saying which step failed and why (null where the row succeeded).
-    ``progress`` is called about five times a second with the running totals.
+    ``progress`` is called about five times a second with the running totals; without it, a
+    progress bar shows on a terminal (``Settings.progress`` decides).
 
     Examples
     --------
@@ -276,10 +277,18 @@ def pipeline(
         width = sum(b.width() for b in batches)
         await asyncio.gather(*(worker() for _ in range(min(df.height, width))))
 
+    bar = None
+    if progress is None:
+        bar = progress_bar(
+            base, df.height, lambda: (stats.rows_done, stats.cached, stats.rows_failed), "row"
+        )
+
     def report() -> None:
         _fold(stats, batches, base_counts)
         if progress is not None:
             progress(stats)
+        if bar is not None:
+            bar.update()
 
     base_counts = (stats.calls, stats.cached, stats.prompt_tokens, stats.completion_tokens)
     if any(first.get(t) is None for t in first) or len(steps) > 1:
@@ -291,6 +300,9 @@ def pipeline(
         for batch in batches:
             if batch.cache is not None:
                 batch.cache.flush()
+        if bar is not None:
+            bar.close()
+            bar = None
     report()
     for batch in batches:
         if batch._aborted is not None:

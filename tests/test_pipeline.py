@@ -205,3 +205,19 @@ def test_plan_counts_independent_steps_from_the_cache(server: FakeServer, use: o
     assert (plans["s1"].to_send, plans["s1"].unknown) == (2, 0)
     assert (plans["s2"].cached, plans["s2"].unknown) == (2, 0)
     assert plans["s3"].unknown == 2
+
+
+def test_progress_bars_show_when_asked(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With progress=True, .llm calls and pipeline() draw a bar on stderr; with False, nothing."""
+    settings = polars_llm.Settings(base_url=server.base_url, api_key="k", progress=True)
+    df = pl.DataFrame({"text": ["a", "b"], "lang": ["en", "fr"]})
+    pipeline(df, STEPS, settings=settings)
+    assert "polars-llm" in capsys.readouterr().err
+    df.with_columns(x=pl.col("text").llm.complete("Other {text}", settings=settings))
+    err = capsys.readouterr().err
+    assert "polars-llm" in err and "req" in err
+    quiet = settings.replace(progress=False)
+    df.with_columns(x=pl.col("text").llm.complete("Third {text}", settings=quiet))
+    assert capsys.readouterr().err == ""
