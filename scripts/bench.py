@@ -86,12 +86,10 @@ FULL = {
 QUICK = {
     "s1_n": 320,
     "s1_c": [16, 64, 256],
-    # A cold start costs up to about 10 s at C >= 64 at the moment (see docs/benchmarks.md): only
-    # the smallest C stays within the quick budget.
-    "s1_cold_c": [16],
+    "s1_cold_c": [16, 64, 256],
     "s2_n": 1_500,
     "s3_n": 320,
-    "s3_cold": False,
+    "s3_cold": True,
     "s4_unique": 3_000,
     "s4_rows": 99_000,
     "s5_n": 300,
