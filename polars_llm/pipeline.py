@@ -251,11 +251,18 @@ def pipeline(
             if text is None:
                 values[step.name] = None
                 continue
-            if k == 0 and first.get(text) is not None:
-                outcome = first[text]
-                batch._count(outcome)
+            key = batch.template.key(text)
+            if k == 0:
+                # The first step's cache was read upfront in one query: a hit is served, a miss
+                # goes straight to the endpoint without another lookup on the loop.
+                hit = first.get(text)
+                if hit is not None:
+                    batch._count(hit)
+                    outcome = hit
+                else:
+                    outcome = await batch.complete_async(key, text)
             else:
-                outcome = await batch.resolve_async(batch.template.key(text), text)
+                outcome = await batch.resolve_async(key, text)
             if outcome.error is not None:
                 errors[i] = f"{step.name}: {outcome.error.reason}: {outcome.error.message}"
                 stats.rows_failed += 1
