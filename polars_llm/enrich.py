@@ -1,0 +1,618 @@
+"""Run ``polars-llm enrich``: add one LLM-written column per step to a Parquet file of any size.
+
+:class:`EnrichRun` reads the input in batches, checks the steps against its columns, runs
+:func:`polars_llm.pipeline` on each batch and writes each enriched batch as it goes, so memory
+stays bounded whatever the file's size. The output goes to a locked temporary file next to it that
+replaces it atomically once every row is done: a killed run never leaves a partial file, and the
+next run removes the temporary files of killed runs. A dry run reads the input and prints, per
+step, the calls a run would make and their estimated cost instead. A run shows its progress on
+stderr; either kind can write a JSON report of itself.
+
+What goes wrong is raised as polars-llm's own errors (:class:`~polars_llm.errors.InputError` for
+a bad input, :class:`~polars_llm.errors.TooManyFailures`, ...); :mod:`polars_llm.cli` turns them
+into one-line messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import fcntl
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError, InputError, TooManyFailures
+from .pipeline import ERROR_COLUMN, PipelineStats, Step, StepPlan, check_steps, pipeline, plan
+from .prompt import placeholders
+from .settings import Settings
+
+# Starts every line the command writes on stderr.
+PREFIX = "polars-llm"
+# Seconds between two progress lines when stderr is not a terminal (logs of a scheduler).
+LOG_INTERVAL = 10.0
+
+
+def one_line(message: object) -> str:
+    """``message`` with its runs of whitespace, newlines included, made single spaces."""
+    return " ".join(str(message).split())
+
+
+def say(message: str) -> None:
+    """Write ``polars-llm: message`` on stderr."""
+    click.echo(f"{PREFIX}: {message}", err=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EnrichRun:
+    """One ``enrich`` run: check the input, then enrich it or plan it; and report on it.
+
+    ``run`` raises polars-llm's errors (and OSError when the disk fails); what it counted stays
+    on the object for ``write_report``, which the caller calls with the outcome.
+    """
+
+    input: Path
+    output: Path
+    batch_size: int
+    max_failed_rows: int
+    max_failed_rate: float
+    dry_run: bool
+    report: Path | None
+    progress: bool | None
+    # Filled in as the run goes.
+    t0: float = field(default_factory=time.monotonic, init=False)
+    started: bool = field(default=False, init=False)  # the checks passed: a report is due
+    committed: bool = field(default=False, init=False)  # the output is in place
+    total_rows: int = field(default=0, init=False)
+    steps: list[Step] = field(default_factory=list, init=False)
+    stats: PipelineStats = field(default_factory=PipelineStats, init=False)
+    plan_rows: list[dict[str, Any]] | None = field(default=None, init=False)
+    first_error: str | None = field(default=None, init=False)
+
+    def run(self, steps: list[Step], settings: Settings) -> None:
+        """Check ``steps`` against the input, then write the output or, for a dry run, the plan."""
+        self.steps = steps
+        pf = _open_parquet(self.input)
+        self.total_rows = pf.metadata.num_rows
+        columns = list(pf.schema_arrow.names)
+        _check_against_input(steps, columns, self.input)
+        check_steps(steps, columns)
+        if self.total_rows == 0:
+            raise InputError(
+                f"{self.input} has no rows (its columns: {', '.join(columns)}); "
+                "give a file with at least one row"
+            )
+        if self.report is not None:
+            _check_folder(self.report, "--report file")
+        if self.dry_run:
+            self.started = True
+            self._dry_run(pf, steps, settings)
+            return
+        _check_folder(self.output, "output")
+        _remove_stale_temp_files(self.output)
+        self.started = True
+        self._enrich(pf, steps, settings, columns)
+
+    # -- the run -------------------------------------------------------------------------------
+    def _enrich(
+        self, pf: pq.ParquetFile, steps: list[Step], settings: Settings, columns: list[str]
+    ) -> None:
+        needed = _needed_columns(steps, columns)
+        new_names = [s.name for s in steps] + [ERROR_COLUMN]
+        allowed = max(
+            self.max_failed_rows, math.floor(self.max_failed_rate * self.total_rows + 1e-9)
+        )
+        progress = _Progress(self.total_rows, self.progress)
+        try:
+            with _AtomicParquet(self.output) as out:
+                for rb in _batches(pf, self.input, batch_size=self.batch_size):
+                    if rb.num_rows == 0:
+                        continue
+                    df = _to_polars(rb, needed, self.input)
+                    enriched = pipeline(
+                        df,
+                        steps,
+                        settings=settings,
+                        on_error="null",
+                        progress=progress.update,
+                        stats=self.stats,
+                    )
+                    added = enriched.select(new_names)
+                    if self.first_error is None:
+                        errors = added.get_column(ERROR_COLUMN).drop_nulls()
+                        if errors.len():
+                            self.first_error = errors[0]
+                    if self.stats.rows_failed > allowed:
+                        raise TooManyFailures(self._too_many_message(allowed))
+                    table = pa.Table.from_batches([rb])
+                    arrow_added = added.to_arrow()
+                    for name, column in zip(
+                        arrow_added.column_names, arrow_added.columns, strict=True
+                    ):
+                        table = table.append_column(arrow_added.schema.field(name), column)
+                    out.write(table)
+                    del df, enriched, added, table
+                out.commit()
+                self.committed = True
+        finally:
+            progress.close(self.stats)
+        failed = self.stats.rows_failed
+        tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
+        say(f"wrote {self.output}: {self.total_rows} rows{tail}")
+
+    def _too_many_message(self, allowed: int) -> str:
+        s = self.stats
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s.failures_by_reason.items()))
+        return (
+            f"{s.rows_failed} row(s) failed, more than the {allowed} allowed "
+            f"(--max-failed-rows {self.max_failed_rows}, "
+            f"--max-failed-rate {self.max_failed_rate:g}); by reason: {reasons}; "
+            f"first: {self.first_error}. Nothing was written to {self.output}. The answers "
+            "received are cached: fix the cause or raise the limit, then rerun the same command"
+        )
+
+    # -- dry run -------------------------------------------------------------------------------
+    def _dry_run(self, pf: pq.ParquetFile, steps: list[Step], settings: Settings) -> None:
+        needed = _needed_columns(steps, list(pf.schema_arrow.names))
+        totals = _Totals()
+        for rb in _batches(pf, self.input, batch_size=self.batch_size, columns=needed or None):
+            if rb.num_rows == 0:
+                continue
+            totals.batches += 1
+            df = _to_polars(rb, needed, self.input)
+            for sp in plan(df, steps, settings=settings):
+                _add_plan(totals.plans, sp)
+        self.plan_rows = [dataclasses.asdict(sp) for sp in totals.plans.values()]
+        click.echo(_plan_table(totals, self.total_rows, self.input, self.batch_size))
+
+    # -- report --------------------------------------------------------------------------------
+    def write_report(self, code: int, error: str | None) -> None:
+        """Write the JSON report of the run, which ended with exit ``code`` and ``error``.
+
+        Raises OSError if the report cannot be written; no partial report is left behind.
+        """
+        s = self.stats
+        report: dict[str, Any] = {
+            "input": str(self.input),
+            "output": None if self.dry_run else str(self.output),
+            "dry_run": self.dry_run,
+            "rows": self.total_rows,
+            "rows_done": s.rows_done,
+            "calls": s.calls,
+            "cache_hits": s.cached,
+            "failed_rows": s.rows_failed,
+            "failures_by_reason": dict(sorted(s.failures_by_reason.items())),
+            "first_failure": self.first_error,
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "seconds": round(time.monotonic() - self.t0, 3),
+            "exit_code": code,
+            "error": error,
+            "steps": [
+                {
+                    "name": st.name,
+                    "template": st.template,
+                    "model": st.model,
+                    "kind": "extract"
+                    if st.schema is not None
+                    else "classify"
+                    if st.labels is not None
+                    else "complete",
+                }
+                for st in self.steps
+            ],
+        }
+        if self.plan_rows is not None:
+            report["plan"] = self.plan_rows
+        path = self.report
+        assert path is not None
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# Input
+# --------------------------------------------------------------------------------------------
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    if not path.exists():
+        raise InputError(f"input file {path} does not exist; check the path")
+    if path.is_dir():
+        raise InputError(f"input {path} is a folder; give a Parquet file")
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, ValueError) as e:
+        raise InputError(
+            f"{path} is not a Parquet file ({one_line(e)}); convert it first, e.g. "
+            "pl.read_csv(...).write_parquet(...)"
+        ) from e
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _batches(pf: pq.ParquetFile, path: Path, **options: Any) -> Iterator[pa.RecordBatch]:
+    """The file's record batches; a read failure is bad input, not a crash."""
+    batches = pf.iter_batches(**options)
+    while True:
+        try:
+            rb = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(
+                f"cannot read {path}: {one_line(e)}; the file may be truncated or corrupt"
+            ) from e
+        yield rb
+
+
+def _check_against_input(steps: Sequence[Step], columns: Sequence[str], path: Path) -> None:
+    """Say which placeholder or step name does not fit the input, with the code it deserves.
+
+    Problems of the steps alone (a placeholder naming a later step) are ConfigError (exit 2);
+    problems with the input's columns (a missing column, a step named like a column) are
+    InputError (exit 3).
+    """
+    names = [s.name for s in steps]
+    if ERROR_COLUMN in names:
+        raise ConfigError(f"{ERROR_COLUMN!r} is the column of row errors; name the step otherwise")
+    if ERROR_COLUMN in columns:
+        raise InputError(
+            f"{path} already has an {ERROR_COLUMN!r} column (is it the output of an earlier "
+            f"run?); enrich the original file, or drop that column first"
+        )
+    available = list(columns)
+    for k, step in enumerate(steps):
+        if step.name in columns:
+            raise InputError(
+                f"step {step.name!r}: {path} already has a column {step.name!r}; "
+                "give the step another name"
+            )
+        for name in placeholders(step.template):
+            if name in available:
+                continue
+            if name == "":
+                raise ConfigError(
+                    f"step {step.name!r}: {{}} needs a column name here, e.g. {{review}}"
+                )
+            if name in names[k:]:
+                raise ConfigError(
+                    f"step {step.name!r} uses {{{name}}}, which a later step computes; "
+                    f"put step {name!r} first"
+                )
+            close = difflib.get_close_matches(name, available, n=1)
+            hint = f"did you mean {{{close[0]}}}? " if close else ""
+            raise InputError(
+                f"step {step.name!r}: {{{name}}} is not a column of {path} nor an earlier step; "
+                f"{hint}available: {', '.join(available)}"
+            )
+        available.append(step.name)
+
+
+def _needed_columns(steps: Sequence[Step], columns: Sequence[str]) -> list[str]:
+    wanted = {n for s in steps for n in placeholders(s.template)}
+    return [c for c in columns if c in wanted]
+
+
+def _to_polars(rb: pa.RecordBatch, needed: list[str], path: Path) -> pl.DataFrame:
+    """The columns the templates read, as a polars DataFrame (zero columns if none)."""
+    if not needed:
+        return pl.DataFrame(height=rb.num_rows)
+    try:
+        return pl.from_arrow(rb.select(needed))
+    except Exception as e:  # an Arrow type polars cannot read
+        raise InputError(f"cannot read columns {', '.join(needed)} of {path}: {one_line(e)}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+def _check_folder(path: Path, what: str) -> None:
+    """Raise InputError unless ``path``'s folder exists and a file can be created in it."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise InputError(f"the {what} folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise InputError(f"the {what} folder {folder} is not a folder; check the path")
+    if path.is_dir():
+        raise InputError(f"the {what} path {path} is a folder; give a file name")
+    probe = folder / f".{path.name}.probe-{os.getpid()}"
+    try:
+        probe.touch(exist_ok=True)
+    except OSError as e:
+        raise InputError(
+            f"cannot write in the {what} folder {folder} ({e.strerror or e}); "
+            "pick a writable folder"
+        ) from e
+    with contextlib.suppress(OSError):
+        probe.unlink()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete temporary files left next to ``path`` by runs that were killed (kill -9).
+
+    A live run holds an exclusive lock on its temporary file; the kernel drops it when the
+    process dies, whatever host or container it ran in. A file we can lock is abandoned.
+    """
+    prefix = _temp_prefix(path)
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            if not entry.name.startswith(prefix):
+                continue
+            try:
+                with open(entry, "rb") as fh:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    entry.unlink()
+            except OSError:
+                continue  # locked by a run in progress, or already gone
+
+
+class _AtomicParquet:
+    """A Parquet file written batch by batch to a temporary file, then moved onto ``path``.
+
+    The schema is the first batch's; later batches are cast to it. On any exception (Ctrl-C
+    included) the temporary file is deleted and ``path`` is left as it was.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path
+        self.fh: Any = None
+        self.writer: pq.ParquetWriter | None = None
+        self.schema: pa.Schema | None = None
+
+    def __enter__(self) -> _AtomicParquet:
+        # A unique name (two containers may share a pid) and an exclusive lock held while the
+        # file is written, which tells other runs it is not abandoned.
+        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=_temp_prefix(self.path))
+        self.tmp = Path(name)
+        self.fh = os.fdopen(fd, "wb")  # closed in commit or __exit__
+        fcntl.flock(self.fh, fcntl.LOCK_EX)
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.schema = table.schema
+            self.writer = pq.ParquetWriter(self.fh, self.schema)
+        elif not table.schema.equals(self.schema):
+            table = table.cast(self.schema)
+        self.writer.write_table(table)
+
+    def commit(self) -> None:
+        self.writer.close()
+        self.writer = None
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        _fsync_folder(self.path.parent)
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.writer is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+        if self.fh is not None:
+            with contextlib.suppress(Exception):
+                self.fh.close()
+        if exc_type is not None:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+def _human(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # no terminal, or a stream without a fd
+        return 0
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else a log line on stderr every LOG_INTERVAL seconds."""
+
+    def __init__(self, total: int, show: bool | None) -> None:
+        self.total = total
+        self.t0 = time.monotonic()
+        self.last_log = self.t0
+        self.bar: Any = None
+        self.done = 0
+        if show is None:
+            self.mode = "bar" if sys.stderr.isatty() else "log"
+        else:
+            self.mode = "bar" if show else "off"
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                unit="row",
+                desc=PREFIX,
+                file=sys.stderr,
+                leave=True,
+                # A terminal of unknown size (a 0x0 pty) would hide the bar.
+                **({} if _terminal_columns() else {"ncols": 100, "nrows": 20}),
+            )
+
+    def line(self, stats: PipelineStats) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        tokens = stats.prompt_tokens + stats.completion_tokens
+        return (
+            f"{PREFIX}: {stats.rows_done}/{self.total} rows, {stats.cached} cached, "
+            f"{stats.rows_failed} failed, {stats.rows_done / elapsed:.0f} rows/s, "
+            f"{_human(tokens)} tokens"
+        )
+
+    def update(self, stats: PipelineStats) -> None:
+        if self.mode == "bar":
+            tokens = stats.prompt_tokens + stats.completion_tokens
+            self.bar.set_postfix_str(
+                f"{stats.cached} cached, {stats.rows_failed} failed, {_human(tokens)} tokens",
+                refresh=False,
+            )
+            self.bar.update(stats.rows_done - self.done)
+            self.done = stats.rows_done
+        elif self.mode == "log":
+            now = time.monotonic()
+            if now - self.last_log >= LOG_INTERVAL:
+                self.last_log = now
+                click.echo(self.line(stats), err=True)
+
+    def close(self, stats: PipelineStats) -> None:
+        if self.mode == "bar":
+            self.update(stats)
+            self.bar.close()
+        elif self.mode == "log":
+            click.echo(self.line(stats), err=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run table
+# --------------------------------------------------------------------------------------------
+_SUMMED = (
+    "prompts",
+    "unique",
+    "cached",
+    "to_send",
+    "unknown",
+    "est_prompt_tokens",
+    "est_completion_tokens",
+)
+
+
+@dataclass
+class _Totals:
+    """StepPlans of several batches, summed by step."""
+
+    plans: dict[str, StepPlan] = field(default_factory=dict)
+    batches: int = 0
+
+
+def _add_plan(plans: dict[str, StepPlan], sp: StepPlan) -> None:
+    total = plans.get(sp.name)
+    if total is None:
+        plans[sp.name] = dataclasses.replace(sp)
+        return
+    for name in _SUMMED:
+        setattr(total, name, getattr(total, name) + getattr(sp, name))
+    if total.est_cost_usd is not None and sp.est_cost_usd is not None:
+        total.est_cost_usd += sp.est_cost_usd
+    else:
+        total.est_cost_usd = None
+
+
+def _plan_table(totals: _Totals, rows: int, path: Path, batch_size: int) -> str:
+    header = [
+        "step",
+        "model",
+        "prompts",
+        "unique",
+        "cached",
+        "to send",
+        "unknown",
+        "est. prompt tok",
+        "est. completion tok",
+        "est. cost",
+    ]
+
+    def cost(value: float | None) -> str:
+        return "?" if value is None else f"${value:,.4f}"
+
+    body: list[list[str]] = []
+    for sp in totals.plans.values():
+        body.append(
+            [
+                sp.name,
+                sp.model,
+                f"{sp.prompts:,}",
+                f"{sp.unique:,}",
+                f"{sp.cached:,}",
+                f"{sp.to_send:,}",
+                f"{sp.unknown:,}",
+                f"{sp.est_prompt_tokens:,}",
+                f"{sp.est_completion_tokens:,}",
+                cost(sp.est_cost_usd),
+            ]
+        )
+    plans = list(totals.plans.values())
+    costs = [sp.est_cost_usd for sp in plans]
+    body.append(
+        [
+            "total",
+            "",
+            *(f"{sum(getattr(sp, n) for sp in plans):,}" for n in _SUMMED),
+            cost(None if any(c is None for c in costs) else sum(c for c in costs if c)),
+        ]
+    )
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    lines = [
+        f"Dry run: {rows:,} rows of {path}, {len(plans)} step(s). "
+        "No call was made and nothing was written.",
+        "",
+        fmt(header),
+        fmt(["-" * w for w in widths]),
+        *(fmt(r) for r in body[:-1]),
+        fmt(["-" * w for w in widths]),
+        fmt(body[-1]),
+        "",
+        "prompts: rows with a prompt; unique: distinct prompts; cached: answers already in the "
+        "cache; to send: calls a run would make;",
+        "unknown: prompts that depend on an earlier step's answer not cached yet (estimated from "
+        "the template). Costs are estimates; ? = no price known for the model.",
+    ]
+    if totals.batches > 1:
+        lines.append(
+            f"Approximate: the input was read in {totals.batches} batches of up to "
+            f"{batch_size:,} rows and the counts are summed per batch, so a prompt repeated "
+            "in several batches counts once in each (unique and to send may be overstated)."
+        )
+    return "\n".join(lines)
