@@ -89,54 +89,52 @@ class OpenAITransport:
         a third of the client's CPU per request); the body is plain JSON we built ourselves and
         the answer is read as raw JSON.
         """
-        try:
-            response = await self._client.post(
-                "/chat/completions", body=body, cast_to=httpx2.Response
-            )
-            data = json.loads(response.content)
-        except openai.OpenAIError as e:
-            raise map_error(e, self.base_url) from e
-        except json.JSONDecodeError as e:
-            raise ServerError(f"the endpoint returned a body that is not JSON: {e}") from e
+        data = await self._post_json("/chat/completions", body)
         try:
             choice = data["choices"][0]
-            text = choice["message"].get("content")
-            finish = choice.get("finish_reason")
-        except (KeyError, IndexError, TypeError, AttributeError) as e:
-            raise ServerError(f"the endpoint returned an unexpected body: {str(data)[:200]}") from e
-        usage = data.get("usage") or {}
-        return Completion(
-            text=text,
-            finish_reason=finish,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        )
+            usage = data.get("usage") or {}
+            return Completion(
+                text=choice["message"].get("content"),
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                completion_tokens=int(usage.get("completion_tokens") or 0),
+            )
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise _unexpected(data) from e
 
     async def embed(
         self, model: str, inputs: Sequence[str], params: Mapping[str, Any]
     ) -> Embeddings:
         """Embeddings of several inputs in one request, in input order."""
         body = {"model": model, "input": list(inputs), "encoding_format": "float", **params}
-        try:
-            response = await self._client.post("/embeddings", body=body, cast_to=httpx2.Response)
-            data = json.loads(response.content)
-        except openai.OpenAIError as e:
-            raise map_error(e, self.base_url) from e
-        except json.JSONDecodeError as e:
-            raise ServerError(f"the endpoint returned a body that is not JSON: {e}") from e
+        data = await self._post_json("/embeddings", body)
         try:
             items = sorted(data["data"], key=lambda d: d.get("index", 0))
             vectors = [[float(x) for x in d["embedding"]] for d in items]
             usage = data.get("usage") or {}
             tokens = int(usage.get("prompt_tokens") or 0)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ServerError(f"the endpoint returned an unexpected body: {str(data)[:200]}") from e
+            raise _unexpected(data) from e
         if len(vectors) != len(inputs):
             raise ServerError(f"asked for {len(inputs)} embeddings, got {len(vectors)}")
         return Embeddings(vectors=vectors, prompt_tokens=tokens)
 
+    async def _post_json(self, path: str, body: Mapping[str, Any]) -> Any:
+        """POST a JSON body through the SDK's client; the answer's JSON, or our error."""
+        try:
+            response = await self._client.post(path, body=body, cast_to=httpx2.Response)
+            return json.loads(response.content)
+        except openai.OpenAIError as e:
+            raise map_error(e, self.base_url) from e
+        except json.JSONDecodeError as e:
+            raise ServerError(f"the endpoint returned a body that is not JSON: {e}") from e
+
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def _unexpected(data: Any) -> ServerError:
+    return ServerError(f"the endpoint returned an unexpected body: {str(data)[:200]}")
 
 
 def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
