@@ -75,17 +75,32 @@ class Limiter:
 
     # -- settings --------------------------------------------------------------------------
     def configure(self, concurrency: int, rpm: int | None, tpm: int | None) -> None:
-        """Apply a batch's settings; the most recent call's settings win for the endpoint."""
+        """Apply a batch's settings; the most recent call's settings win for the endpoint.
+
+        What the endpoint taught us stays: a limit cut by 429s stays cut (up to the new
+        concurrency), and a bucket keeps its level when only its rate changes, so two
+        expressions with different settings cannot refill each other's budget.
+        """
         if concurrency != self._max:
+            cut = self._limit < self._max
             self._max = concurrency
-            self._limit = float(concurrency)
+            self._limit = min(self._limit, float(concurrency)) if cut else float(concurrency)
         if rpm != self._rpm_value:
             self._rpm_value = rpm
-            self._rpm = TokenBucket(rpm, CLIENT_BURST_SECONDS, self._clock) if rpm else None
+            self._rpm = self._rebucket(self._rpm, rpm)
         if tpm != self._tpm_value:
             self._tpm_value = tpm
-            self._tpm = TokenBucket(tpm, CLIENT_BURST_SECONDS, self._clock) if tpm else None
+            self._tpm = self._rebucket(self._tpm, tpm)
         self._wake()
+
+    def _rebucket(self, bucket: TokenBucket | None, per_minute: int | None) -> TokenBucket | None:
+        if not per_minute:
+            return None
+        fresh = TokenBucket(per_minute, CLIENT_BURST_SECONDS, self._clock)
+        if bucket is not None:
+            bucket._refill()
+            fresh.level = min(fresh.capacity, bucket.level)
+        return fresh
 
     @property
     def max_concurrency(self) -> int:

@@ -483,3 +483,26 @@ def test_spacing_after_a_429_fades_with_successes(clock: VirtualClock) -> None:
         return clock.now - start
 
     assert run(main) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_new_settings_keep_what_the_endpoint_taught(clock: VirtualClock) -> None:
+    """Another batch's settings neither undo a 429 cut nor refill a spent rate budget."""
+
+    async def main() -> tuple[int, float]:
+        limiter = Limiter(8, rpm=600, clock=clock)  # 10 a second, 5 of burst
+        limiter.on_rate_limited(0.0)
+        assert limiter.limit == 4
+        limiter.configure(16, 600, None)
+        cut = limiter.limit
+        for _ in range(5):
+            await limiter.acquire()
+            limiter.release()
+        limiter.configure(16, 1200, None)  # the rate doubles; the spent burst stays spent
+        start = clock.now
+        await limiter.acquire()
+        limiter.release()
+        return cut, clock.now - start
+
+    cut, waited = run(main)
+    assert cut == 4
+    assert waited == pytest.approx(1 / 20, rel=0.01)
