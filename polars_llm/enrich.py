@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import fcntl
 import json
 import math
@@ -35,7 +34,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError, InputError, TooManyFailures
+from .errors import ColumnMismatch, InputError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, StepPlan, check_steps, pipeline, plan
 from .prompt import placeholders
 from .settings import Settings
@@ -92,7 +91,6 @@ class EnrichRun:
         self.total_rows = pf.metadata.num_rows
         columns = list(pf.schema_arrow.names)
         _check_against_input(steps, columns, self.input)
-        check_steps(steps, columns)
         if self.total_rows == 0:
             raise InputError(
                 f"{self.input} has no rows (its columns: {', '.join(columns)}); "
@@ -267,46 +265,16 @@ def _batches(pf: pq.ParquetFile, path: Path, **options: Any) -> Iterator[pa.Reco
 
 
 def _check_against_input(steps: Sequence[Step], columns: Sequence[str], path: Path) -> None:
-    """Say which placeholder or step name does not fit the input, with the code it deserves.
-
-    Problems of the steps alone (a placeholder naming a later step) are ConfigError (exit 2);
-    problems with the input's columns (a missing column, a step named like a column) are
-    InputError (exit 3).
-    """
-    names = [s.name for s in steps]
-    if ERROR_COLUMN in names:
-        raise ConfigError(f"{ERROR_COLUMN!r} is the column of row errors; name the step otherwise")
+    """``check_steps``, with problems of the input's columns reported as bad input (exit 3)."""
     if ERROR_COLUMN in columns:
         raise InputError(
             f"{path} already has an {ERROR_COLUMN!r} column (is it the output of an earlier "
             f"run?); enrich the original file, or drop that column first"
         )
-    available = list(columns)
-    for k, step in enumerate(steps):
-        if step.name in columns:
-            raise InputError(
-                f"step {step.name!r}: {path} already has a column {step.name!r}; "
-                "give the step another name"
-            )
-        for name in placeholders(step.template):
-            if name in available:
-                continue
-            if name == "":
-                raise ConfigError(
-                    f"step {step.name!r}: {{}} needs a column name here, e.g. {{review}}"
-                )
-            if name in names[k:]:
-                raise ConfigError(
-                    f"step {step.name!r} uses {{{name}}}, which a later step computes; "
-                    f"put step {name!r} first"
-                )
-            close = difflib.get_close_matches(name, available, n=1)
-            hint = f"did you mean {{{close[0]}}}? " if close else ""
-            raise InputError(
-                f"step {step.name!r}: {{{name}}} is not a column of {path} nor an earlier step; "
-                f"{hint}available: {', '.join(available)}"
-            )
-        available.append(step.name)
+    try:
+        check_steps(steps, columns)
+    except ColumnMismatch as e:
+        raise InputError(f"{e} (input: {path})") from e
 
 
 def _needed_columns(steps: Sequence[Step], columns: Sequence[str]) -> list[str]:

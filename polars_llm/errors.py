@@ -5,6 +5,7 @@ Every error says what went wrong and what to do about it. The tree::
     PolarsLLMError
     ├── ConfigError            bad settings or arguments (fix the call or the config)
     │   └── TemplateError      a prompt template is malformed or names a missing column
+    │       └── ColumnMismatch a placeholder or step name does not fit the input's columns
     ├── InputError             the input data or file cannot be used
     ├── CacheWriteError        answers could not be written to the cache folder
     ├── BatchAborted           a fatal error (bad key, unknown model) stopped the whole batch
@@ -42,6 +43,10 @@ class ConfigError(PolarsLLMError, ValueError):
 
 class TemplateError(ConfigError):
     """A prompt template is malformed or names a column that does not exist."""
+
+
+class ColumnMismatch(TemplateError):
+    """A placeholder names no column of the input, or a step is named like one of its columns."""
 
 
 class InputError(PolarsLLMError):

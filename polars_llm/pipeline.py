@@ -10,6 +10,7 @@ requests (so the same cache keys) in the same row order.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 import polars as pl
 
 from .engine import Batch, CallSpec, Outcome, engine_loop, estimate_tokens, progress_bar
-from .errors import ConfigError, TemplateError, TooManyFailures
+from .errors import ColumnMismatch, ConfigError, TemplateError, TooManyFailures
 from .outputs import LabelPost, PostProcess, SchemaPost, TextPost
 from .prompt import _parse, placeholders, render
 from .settings import OnError, Settings, get_settings
@@ -142,21 +143,40 @@ def load_pipeline(path: str | Path) -> tuple[list[Step], dict[str, Any]]:
 
 
 def check_steps(steps: Sequence[Step], columns: Sequence[str]) -> None:
-    """Raise TemplateError unless every placeholder names an input column or an earlier step."""
+    """Raise unless every placeholder names an input column or an earlier step.
+
+    Problems with the input's columns (a missing column, a step named like a column) raise
+    ``ColumnMismatch``; problems of the steps alone raise ``ConfigError`` or ``TemplateError``.
+    """
     if not steps:
         raise ConfigError("a pipeline needs at least one step")
+    names = [s.name for s in steps]
+    if ERROR_COLUMN in names:
+        raise ConfigError(f"{ERROR_COLUMN!r} is the column of row errors; name the step otherwise")
     available = list(columns)
-    for step in steps:
+    for k, step in enumerate(steps):
         if step.name in available:
-            raise ConfigError(
+            raise ColumnMismatch(
                 f"step name {step.name!r} is already a column; pick another name for the step"
             )
         for name in placeholders(step.template):
-            if name not in available:
+            if name in available:
+                continue
+            if name == "":
                 raise TemplateError(
-                    f"step {step.name!r}: {{{name}}} is not a column or an earlier step; "
-                    f"available: {', '.join(available)}"
+                    f"step {step.name!r}: {{}} needs a column name here, e.g. {{review}}"
                 )
+            if name in names[k:]:
+                raise TemplateError(
+                    f"step {step.name!r}: {{{name}}} is not a column or an earlier step: a "
+                    f"later step computes it; put step {name!r} first"
+                )
+            close = difflib.get_close_matches(name, available, n=1)
+            hint = f"did you mean {{{close[0]}}}? " if close else ""
+            raise ColumnMismatch(
+                f"step {step.name!r}: {{{name}}} is not a column or an earlier step; "
+                f"{hint}available: {', '.join(available)}"
+            )
         available.append(step.name)
 
 
