@@ -222,6 +222,11 @@ class Batch:
         self.settings = settings = spec.resolve_settings()
         self.endpoint = endpoint = settings.endpoint(spec.model)
         self.model = spec.model or settings.default_model(endpoint)
+        if kind == "embed" and endpoint.local:
+            raise ConfigError(
+                "the embedded model serves chat completions, not embeddings; give an embeddings "
+                "endpoint (base_url= or $OPENAI_BASE_URL) and model="
+            )
         # For the embedded model the real URL is known once its server runs: see connect().
         self.base_url = endpoint.base_url
         key_endpoint = local_key_endpoint() if endpoint.local else endpoint.base_url
@@ -691,11 +696,6 @@ def complete_series(prompts: pl.Series, spec: CallSpec) -> pl.Series:
 
 def embed_series(inputs: pl.Series, spec: CallSpec, batch_size: int) -> pl.Series:
     """The embedding of each input in row order; equal inputs are sent once."""
-    if spec.resolve_settings().endpoint(spec.model).local:
-        raise ConfigError(
-            "the embedded model serves chat completions, not embeddings; give an embeddings "
-            "endpoint (base_url= or $OPENAI_BASE_URL) and model="
-        )
     return _map_unique(inputs, spec, "embed", lambda b, t, k: b.embed_many_async(t, k, batch_size))
 
 
