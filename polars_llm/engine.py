@@ -99,12 +99,10 @@ class Outcome:
 class Progress:
     """Counters of a batch, updated on the engine loop and read by the waiting caller."""
 
-    total: int = 0
     done: int = 0
     cached: int = 0
     failed: int = 0
     calls: int = 0
-    retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -287,7 +285,6 @@ class Batch:
     def run(self, coro: Awaitable[Any], total: int) -> Any:
         """Run loop-side work with a progress bar, flush the cache, raise if the batch aborted."""
         self.connect()
-        self.progress.total = total
         p = self.progress
         bar = progress_bar(self.settings, total, lambda: (p.done, p.cached, p.failed))
         try:
@@ -509,7 +506,6 @@ class Batch:
                 if failures >= limit or time.monotonic() + delay > deadline:
                     self._maybe_unreachable(e)
                     raise _exhausted(e, attempt) from None
-                self.progress.retries += 1
                 await asyncio.sleep(delay)
             except FatalError as e:
                 if isinstance(e, (AuthError, ModelNotFound, QuotaExceeded)):
