@@ -72,6 +72,16 @@ class Settings:
         Treat ``finish_reason == "length"`` (the answer hit ``max_tokens``) as a row error.
     progress
         Show a progress bar on a terminal: ``None`` decides by whether stderr is a terminal.
+    shared_url
+        Where processes on several machines share one rate budget, cooldown, in-flight claims
+        and answers: a ``redis://host:port/db`` URL. Default: ``$POLARS_LLM_SHARED_URL``; else
+        processes of one machine share them beside the cache folder.
+    batch
+        Send the misses as OpenAI Batch API jobs (half the price, answers within 24 hours)
+        instead of synchronous calls.
+    transport
+        How requests are sent: ``"aiohttp"`` (default, a lean client) or ``"openai"`` (the
+        official SDK, for providers with quirks such as Azure).
     """
 
     base_url: str | None = None
@@ -90,6 +100,9 @@ class Settings:
     on_error: OnError = "raise"
     truncated_is_error: bool = False
     progress: bool | None = None
+    shared_url: str | None = None
+    batch: bool = False
+    transport: Literal["aiohttp", "openai"] = "aiohttp"
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -106,6 +119,8 @@ class Settings:
             raise ConfigError(f"on_error must be 'raise' or 'null', got {self.on_error!r}")
         if self.base_url is not None:
             _check_url(self.base_url)
+        if self.transport not in ("aiohttp", "openai"):
+            raise ConfigError(f"transport must be 'aiohttp' or 'openai', got {self.transport!r}")
 
     def cache_path(self) -> Path | None:
         """The cache folder to use for a call, or None when caching is off."""
