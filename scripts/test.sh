@@ -3,6 +3,10 @@
 # The first run builds llama.cpp from source (a few minutes); pip caches the wheel after that.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The shared-state tests run a real redis-server on a loopback port.
+if ! command -v redis-server >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet --quiet -e '.[local,dev]'

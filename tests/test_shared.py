@@ -1,0 +1,355 @@
+"""The homes of the shared state: one process, a SQLite file, a real redis-server.
+
+Each "process" of a home is a separate instance (its own owner id, its own connection), and the
+atomicity tests run real interpreters side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from polars_llm.errors import ConfigError
+from polars_llm.settings import Settings
+from polars_llm.shared import (
+    InProcessState,
+    RedisState,
+    SharedState,
+    SharedStateError,
+    SqliteState,
+    open_shared,
+    scope_for,
+)
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(make: Callable[[], Awaitable[T]]) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(make(), timeout=60)
+
+    return asyncio.run(bounded())
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_home(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], SharedState]:
+    """A factory of homes that share one state, as separate processes would."""
+    if request.param == "sqlite":
+        return lambda: SqliteState(tmp_path / "shared.sqlite3")
+    url = request.getfixturevalue("redis_url")
+    return lambda: RedisState(url)
+
+
+async def closing(*homes: SharedState) -> None:
+    for home in homes:
+        await home.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Budget
+# --------------------------------------------------------------------------------------------
+def test_scope_never_shows_the_api_key() -> None:
+    """A budget's scope names endpoint and model, and only a hash of the key."""
+    scope = scope_for("https://api.example/v1", "sk-secret-123", "gpt-x")
+    assert "sk-secret-123" not in scope
+    assert scope.startswith("https://api.example/v1|") and scope.endswith("|gpt-x")
+    assert scope != scope_for("https://api.example/v1", "sk-other", "gpt-x")
+
+
+def test_reservations_follow_one_another(make_home: Callable[[], SharedState]) -> None:
+    """A second process's budget starts where the first one's ends, not at the same time."""
+
+    async def main() -> tuple[float, float, float]:
+        a, b = make_home(), make_home()
+        first = await a.reserve("s", 100.0)
+        second = await b.reserve("s", 100.0)
+        spoken_for = await a.reserve("s", 0.0)
+        await closing(a, b)
+        return first, second, spoken_for
+
+    first, second, spoken_for = run(main)
+    assert first == pytest.approx(0.0, abs=1.0)
+    assert 99.0 < second <= 100.0
+    assert 199.0 < spoken_for <= 200.0
+
+
+def test_scopes_have_separate_budgets(make_home: Callable[[], SharedState]) -> None:
+    """Budget taken for one endpoint and model leaves another's untouched."""
+
+    async def main() -> float:
+        home = make_home()
+        await home.reserve("one", 100.0)
+        wait = await home.reserve("two", 100.0)
+        await home.aclose()
+        return wait
+
+    assert run(main) == pytest.approx(0.0, abs=1.0)
+
+
+def test_pause_holds_every_process_back(make_home: Callable[[], SharedState]) -> None:
+    """A 429's pause taken by one process is the wait the next process is told."""
+
+    async def main() -> tuple[float, float]:
+        a, b = make_home(), make_home()
+        await a.pause("s", 50.0)
+        wait = await b.reserve("s", 1.0)
+        await a.pause("s", 5.0)  # a shorter pause never shortens a longer one
+        after = await b.reserve("s", 0.0)
+        await closing(a, b)
+        return wait, after
+
+    wait, after = run(main)
+    assert 49.0 < wait <= 50.0
+    assert 50.0 < after <= 51.0
+
+
+def test_idle_budget_does_not_pile_up(make_home: Callable[[], SharedState]) -> None:
+    """Budget left unused in the past is not handed out later as a burst."""
+
+    async def main() -> list[float]:
+        home = make_home()
+        await home.reserve("s", 0.001)
+        await asyncio.sleep(0.05)
+        waits = [await home.reserve("s", 10.0), await home.reserve("s", 10.0)]
+        await home.aclose()
+        return waits
+
+    first, second = run(main)
+    assert first == pytest.approx(0.0, abs=1.0)
+    assert 9.0 < second <= 10.0
+
+
+_RESERVER = textwrap.dedent(
+    """
+    import asyncio, json, sys, time
+    from polars_llm.shared import RedisState, SqliteState
+
+    kind, where, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    async def main():
+        home = RedisState(where) if kind == "redis" else SqliteState(where)
+        spans = []
+        for _ in range(count):
+            wait = await home.reserve("s", 1.0)
+            start = time.time() + wait
+            spans.append([start, start + 1.0])
+        await home.aclose()
+        print(json.dumps(spans))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_processes_racing_never_get_the_same_budget(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Four interpreters taking budget at once get 80 one-second spans that do not overlap."""
+    where = request.getfixturevalue("redis_url") if kind == "redis" else str(tmp_path / "s.sqlite3")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RESERVER, kind, where, "20"],
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    spans = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        spans += json.loads(out)
+    spans.sort()
+    assert len(spans) == 80
+    # Each span starts where the one before ended (give or take the time it took to read a
+    # clock after the answer): a double-booked second would overlap by a whole second.
+    overlaps = [prev[1] - nxt[0] for prev, nxt in itertools.pairwise(spans)]
+    assert max(overlaps) < 0.5
+    assert spans[-1][1] - spans[0][0] == pytest.approx(80.0, abs=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Claims
+# --------------------------------------------------------------------------------------------
+def test_a_claim_is_held_by_one_process(make_home: Callable[[], SharedState]) -> None:
+    """While one process holds a claim, another's fails; the holder may renew it."""
+
+    async def main() -> list[bool]:
+        a, b = make_home(), make_home()
+        results = [
+            await a.claim("k", 60.0),
+            await b.claim("k", 60.0),
+            await a.claim("k", 60.0),  # renewal
+            await b.claim("other", 60.0),
+        ]
+        await closing(a, b)
+        return results
+
+    assert run(main) == [True, False, True, True]
+
+
+def test_a_released_claim_is_free(make_home: Callable[[], SharedState]) -> None:
+    """After its holder releases a claim, another process gets it; a stranger cannot release it."""
+
+    async def main() -> list[bool]:
+        a, b = make_home(), make_home()
+        await a.claim("k", 60.0)
+        await b.release("k")  # not b's: nothing happens
+        held = not await b.claim("k", 60.0)
+        await a.release("k")
+        results = [held, await b.claim("k", 60.0)]
+        await closing(a, b)
+        return results
+
+    assert run(main) == [True, True]
+
+
+def test_a_claim_expires(make_home: Callable[[], SharedState]) -> None:
+    """A claim nobody renews is free once its lease runs out."""
+
+    async def main() -> bool:
+        a, b = make_home(), make_home()
+        await a.claim("k", 0.2)
+        while not await b.claim("k", 60.0):
+            await asyncio.sleep(0.05)
+        taken_back = await a.claim("k", 60.0)
+        await closing(a, b)
+        return taken_back
+
+    assert run(main) is False
+
+
+def test_claim_of_a_killed_process_is_free_at_once(tmp_path: Path) -> None:
+    """On one machine, a claim whose process was killed (kill -9) is free before it expires."""
+    path = tmp_path / "shared.sqlite3"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys, time
+        from polars_llm.shared import SqliteState
+
+        async def main():
+            home = SqliteState({str(path)!r})
+            assert await home.claim("k", 3600.0)
+            print("claimed", flush=True)
+            time.sleep(3600)
+
+        asyncio.run(main())
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"claimed"
+
+    async def try_claim() -> bool:
+        home = SqliteState(path)
+        got = await home.claim("k", 60.0)
+        await home.aclose()
+        return got
+
+    held_while_alive = not run(try_claim)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert held_while_alive
+    assert run(try_claim)
+
+
+# --------------------------------------------------------------------------------------------
+# Answers, homes, failures
+# --------------------------------------------------------------------------------------------
+def test_redis_holds_answers_for_every_process(redis_url: str) -> None:
+    """An answer one process stores is found by another; a missing one is None."""
+
+    async def main() -> list[str | None]:
+        a, b = RedisState(redis_url), RedisState(redis_url)
+        await a.put_answer("k1", '{"text": "hi"}')
+        found = await b.get_answers(["k1", "k2"])
+        await closing(a, b)
+        return found
+
+    assert run(main) == ['{"text": "hi"}', None]
+
+
+def test_in_process_home_keeps_budget_and_holds_no_answers() -> None:
+    """The in-process home spaces budget like the others and keeps no answers."""
+
+    async def main() -> tuple[float, list[str | None], bool]:
+        home = InProcessState()
+        await home.reserve("s", 100.0)
+        wait = await home.reserve("s", 1.0)
+        await home.put_answer("k", "{}")
+        return wait, await home.get_answers(["k"]), await home.claim("k", 1.0)
+
+    wait, answers, claimed = run(main)
+    assert 99.0 < wait <= 100.0
+    assert answers == [None]
+    assert claimed
+
+
+def test_open_shared_picks_the_home_from_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    """A shared URL means Redis; else the cache folder's SQLite file; else this process."""
+    assert isinstance(open_shared(Settings(cache=False)), InProcessState)
+    sqlite = open_shared(Settings(cache_dir=tmp_path / "c"))
+    assert isinstance(sqlite, SqliteState) and sqlite.path.parent == (tmp_path / "c").resolve()
+    assert open_shared(Settings(cache_dir=tmp_path / "c")) is sqlite
+    assert isinstance(open_shared(Settings(shared_url=redis_url)), RedisState)
+    monkeypatch.setenv("POLARS_LLM_SHARED_URL", redis_url)
+    assert isinstance(open_shared(Settings(cache_dir=tmp_path / "c")), RedisState)
+
+
+def test_a_shared_url_that_is_not_redis_is_refused() -> None:
+    """An http:// shared URL is refused with a line that shows the expected form."""
+    with pytest.raises(ConfigError, match=r"redis://host:6379/0"):
+        RedisState("http://localhost:6379")
+
+
+def test_unreachable_redis_is_a_clear_error(tmp_path: Path) -> None:
+    """A Redis server that is not there gives our error, naming the URL and what to check."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def main() -> None:
+        home = RedisState(f"redis://127.0.0.1:{port}/0")
+        try:
+            await home.reserve("s", 1.0)
+        finally:
+            await home.aclose()
+
+    with pytest.raises(SharedStateError, match=rf"127\.0\.0\.1:{port}.*Redis server is up"):
+        run(main)
+
+
+def test_unwritable_sqlite_home_is_a_clear_error(tmp_path: Path) -> None:
+    """A shared-state file that cannot be created gives our error, not sqlite3's traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    async def main() -> None:
+        home = SqliteState(blocker / "shared.sqlite3")
+        try:
+            await home.reserve("s", 1.0)
+        finally:
+            await home.aclose()
+
+    with pytest.raises(SharedStateError, match=r"cache folder is writable"):
+        run(main)
