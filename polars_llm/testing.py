@@ -20,6 +20,8 @@ What it serves:
 - ``GET /v1/models``: the configured models, or ``fake-model``.
 - ``GET /_fake/stats`` and ``POST /_fake/reset``: the counters, for a server in another
   process (see :func:`spawn_server`).
+- ``/v1/files`` and ``/v1/batches``: the Batch API, on a clock tests can advance
+  (``advance_batches``, ``POST /_fake/batches/advance``); see :mod:`polars_llm._fake_batches`.
 
 Faults (bad key, unknown model, RPM/TPM limits with OpenAI's 429 headers, 5xx, hung
 requests, reset connections) are decided per request by a random generator seeded with
@@ -56,6 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from ._fake_batches import FakeBatches
 
 __all__ = [
     "FakeServer",
@@ -98,6 +102,10 @@ class FakeStats:
     """Last user message of each chat call -> how many times it was received."""
     tokens: int = 0
     """Tokens charged to admitted requests, estimated as for the TPM limit."""
+    files_uploaded: int = 0
+    batches_created: int = 0
+    batch_lines: int = 0
+    """Request lines in the input files of the batches created."""
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FakeStats:
@@ -128,6 +136,10 @@ class FakeServer:
     schema-valid JSON; it runs on the server's event loop, so it should be quick.
     Requests run concurrently on that loop; ``stats()``, ``reset_stats()`` and
     ``history`` may be called from any thread.
+    Batches spend ``batch_seconds`` in progress on their clock (see ``advance_batches``); a
+    ``batch_error_rate`` share of their lines is answered 500 and a ``batch_expire_rate`` share
+    is left undone when the batch expires; lines whose prompt contains ``batch_refuse`` are
+    answered 400; a batch of more than ``batch_max_lines`` lines fails validation.
     """
 
     def __init__(
@@ -147,6 +159,11 @@ class FakeServer:
         models: Iterable[str] | None = None,
         quota_exhausted: bool = False,
         embedding_dim: int = 8,
+        batch_seconds: float = 1.0,
+        batch_error_rate: float = 0.0,
+        batch_expire_rate: float = 0.0,
+        batch_refuse: str | None = None,
+        batch_max_lines: int = 50_000,
         seed: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -199,6 +216,15 @@ class FakeServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._batches = FakeBatches(
+            self,
+            batch_seconds=batch_seconds,
+            error_rate=batch_error_rate,
+            expire_rate=batch_expire_rate,
+            refuse=batch_refuse,
+            max_lines=batch_max_lines,
+            seed=seed,
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -272,6 +298,13 @@ class FakeServer:
             self._stats = FakeStats(in_flight=in_flight, max_in_flight=in_flight)
             self._history = []
 
+    def advance_batches(self, seconds: float) -> None:
+        """Move the batches' clock ``seconds`` forward (safe from any thread)."""
+        if self._loop is None:
+            self._batches.advance(seconds)
+            return
+        asyncio.run_coroutine_threadsafe(_call(self._batches.advance, seconds), self._loop).result()
+
     @property
     def history(self) -> list[dict]:
         """Every JSON request body received (chat and embeddings), in arrival order."""
@@ -281,13 +314,15 @@ class FakeServer:
     # -- aiohttp plumbing ------------------------------------------------------------
 
     async def _start_site(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        # Batch input files run up to 200 MB.
+        app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model}", self._get_model)
         app.router.add_get("/_fake/stats", self._stats_endpoint)
         app.router.add_post("/_fake/reset", self._reset_endpoint)
+        self._batches.add_routes(app)
         # handler_cancellation: a client that gives up (timeout) ends its request here
         # too, so in_flight counts what clients are still waiting for.
         self._runner = web.AppRunner(
@@ -667,6 +702,10 @@ class _Bucket:
         return max(0.0, (self.capacity - self.level) / self.rate)
 
 
+async def _call(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
+
+
 def _duration(seconds: float) -> str:
     """Format a wait like OpenAI's reset headers: "120ms", "1s", "1.5s", "6m0s"."""
     if seconds < 1.0:
@@ -975,6 +1014,17 @@ class RemoteFakeServer:
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
 
+    def advance_batches(self, seconds: float) -> None:
+        """Move the server's batch clock forward with POST /_fake/batches/advance."""
+        request = urllib.request.Request(
+            f"{self._root}/_fake/batches/advance",
+            data=json.dumps({"seconds": seconds}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
+
 
 @contextlib.contextmanager
 def spawn_server(**kwargs: Any) -> Iterator[RemoteFakeServer]:
@@ -1052,6 +1102,11 @@ _CLI_OPTIONS: dict[str, tuple[type, str]] = {
     "api_key": (str, "the only API key accepted (default: any)"),
     "models": (str, "comma-separated model names accepted (default: any)"),
     "embedding_dim": (int, "embedding length when the request gives no dimensions (default 8)"),
+    "batch_seconds": (float, "seconds a batch stays in_progress on its clock (default 1)"),
+    "batch_error_rate": (float, "share of batch lines answered 500"),
+    "batch_expire_rate": (float, "share of batch lines left undone as the batch expires"),
+    "batch_refuse": (str, "batch lines whose prompt contains this text are answered 400"),
+    "batch_max_lines": (int, "lines a batch may hold before it fails validation (default 50000)"),
     "seed": (int, "seed of the fault and jitter draws (default 0)"),
 }
 

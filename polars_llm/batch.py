@@ -1,0 +1,990 @@
+"""The OpenAI Batch API as a backend: half the price, answers within 24 hours, resumable.
+
+The misses of a call (request key -> request body) go out as Batch API jobs through the official
+``openai`` client instead of synchronous calls:
+
+- **Shards.** One JSONL input file per model and at most ``MAX_LINES`` lines and ``MAX_BYTES``
+  bytes; each line's ``custom_id`` is the request key. ``files.create(purpose="batch")``, then
+  ``batches.create(completion_window="24h", metadata=...)``.
+- **Ledger.** ``<cache folder>/batches/ledger.json`` records every batch submitted from that cache
+  folder (batch id, file ids, model, a hash of the keys, status, run id), with each batch's keys
+  in ``<input file id>.keys`` beside it; writes are atomic and under a file lock, so concurrent
+  runs never submit the same lines twice. The batch's ``metadata`` carries the run id, model and
+  key hash too, so a lost ledger is rebuilt from ``GET /v1/batches`` (and the input files).
+- **The cache is the checkpoint.** Output and error files are downloaded as each batch ends, and
+  lines are matched by ``custom_id``, never by order. Answers go into the cache in the engine's
+  format (``{"text", "usage", "finish"}`` for chat, ``{"vector", "usage"}`` for embeddings).
+- **Rounds.** Lines that failed for a passing reason (5xx, 429, ``batch_expired``, left over by a
+  cancel, missing from both files) are resubmitted, for ``MAX_ROUNDS`` more rounds at most; 4xx
+  lines become row errors that carry the server's reason. A batch that fails validation raises
+  :class:`~polars_llm.errors.BatchAborted` with the server's reason.
+- **Resume.** Submitting skips keys already pending in a batch of the ledger, so rerunning the
+  same job polls and downloads the existing batches and submits only what is neither cached nor
+  pending.
+
+The API, for callers that wait in their own way (an Airflow trigger, a cron job):
+
+``BatchSession(settings, wait=True)``
+    One run's view of the Batch API for an endpoint: ``complete(batch, texts, keys)`` is the
+    engine's hook (misses in, outcomes out) and ``send(requests)`` runs the rounds for a mapping
+    of key -> body. With ``wait=False`` both submit what is missing and raise
+    :class:`BatchPending` (its ``batch_ids``) instead of waiting; a later call with the same
+    requests collects what finished and submits nothing twice.
+``submit(requests, settings) -> list[str]``
+    Submit without waiting; returns the ids of every batch the requests wait on (new and
+    already pending).
+``await poll_batches(batch_ids, base_url=..., api_key=...) -> list[BatchStatus]``
+    One ``GET /v1/batches/{id}`` per batch, on the caller's event loop; needs no cache folder,
+    so it runs in an Airflow triggerer.
+``await wait_for_batches(batch_ids, base_url=..., api_key=..., on_progress=None)``
+    Poll with backoff (``POLL_MIN`` seconds growing to ``POLL_MAX``) until every batch has ended.
+``collect(settings) -> int``
+    Download every ended batch of the ledger into the cache; returns how many answers it wrote.
+``list_batches(cache_dir)``, ``refresh(settings)``, ``cancel(settings, batch_ids)``
+    What ``polars-llm batch list|status|cancel`` show and do.
+
+The Airflow pattern: run the job with ``Settings(batch=True)`` and ``wait=False``
+(``polars-llm enrich ... --batch --no-wait``, exit code 75); on :class:`BatchPending` defer to a
+trigger that awaits ``wait_for_batches(e.batch_ids, ...)``; when it fires, run the same job again:
+it downloads the answers into the cache and writes the output (or submits the next dependent step
+and defers again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import openai
+
+from .cache import ResultCache, open_cache
+from .errors import (
+    BadRequest,
+    BatchAborted,
+    ConfigError,
+    ContentError,
+    EmptyCompletion,
+    PolarsLLMError,
+    RowError,
+    ServerError,
+    Truncated,
+)
+from .settings import Settings
+from .transport import map_error
+
+if TYPE_CHECKING:
+    from .engine import Batch, Outcome
+
+# OpenAI's limits are 50,000 lines and 200 MB per input file; stay clear of the byte limit.
+MAX_LINES = 50_000
+MAX_BYTES = 190 * 1024 * 1024
+# Rounds of resubmission for lines that failed for a passing reason (5xx, expiry, cancel).
+MAX_ROUNDS = 3
+# Seconds between two polls: from POLL_MIN, growing by POLL_GROWTH a poll, up to POLL_MAX.
+POLL_MIN = 1.0
+POLL_MAX = 60.0
+POLL_GROWTH = 1.5
+# How far back a lost ledger is searched for in GET /v1/batches: past the 24-hour window, a
+# batch has ended and its files may be gone.
+RECOVER_SECONDS = 3 * 24 * 3600
+RECOVER_PAGES = 20
+ENDED = frozenset({"completed", "failed", "expired", "cancelled"})
+PATHS = {"chat": "/v1/chat/completions", "embed": "/v1/embeddings"}
+# Marks the batches polars-llm created, in their metadata.
+TAG = "polars_llm"
+LEDGER_VERSION = 1
+
+
+class BatchPending(PolarsLLMError):
+    """Batches were submitted (or are still running) and the caller asked not to wait.
+
+    ``batch_ids`` are the batches the job waits on; rerun the same job once they have ended.
+    """
+
+    def __init__(self, message: str, batch_ids: Sequence[str] = (), base_url: str = "") -> None:
+        super().__init__(message)
+        self.batch_ids = list(batch_ids)
+        self.base_url = base_url
+
+
+@dataclass
+class BatchStatus:
+    """What the server says about one batch."""
+
+    id: str
+    status: str
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: int = 0
+    input_file_id: str = ""
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    @classmethod
+    def of(cls, batch: Any) -> BatchStatus:
+        counts = batch.request_counts
+        errors = []
+        if batch.errors is not None and batch.errors.data:
+            for e in batch.errors.data:
+                where = f" (line {e.line})" if e.line is not None else ""
+                errors.append(f"{e.code}: {e.message}{where}")
+        return cls(
+            id=batch.id,
+            status=batch.status,
+            total=counts.total if counts else 0,
+            completed=counts.completed if counts else 0,
+            failed=counts.failed if counts else 0,
+            output_file_id=batch.output_file_id,
+            error_file_id=batch.error_file_id,
+            errors=errors,
+            metadata=dict(batch.metadata or {}),
+            created_at=batch.created_at,
+            input_file_id=batch.input_file_id,
+        )
+
+
+@dataclass
+class BatchProgress:
+    """Totals over the batches a job waits on, from their ``request_counts``."""
+
+    batches: int = 0
+    ended: int = 0
+    lines: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LedgerEntry:
+    """One submitted batch, as the ledger keeps it."""
+
+    input_file_id: str
+    base_url: str
+    path: str
+    model: str
+    keys_sha: str
+    lines: int
+    run_id: str
+    round: int
+    submitted_at: float
+    batch_id: str | None = None  # None between the upload and batches.create
+    status: str = "submitting"
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completed: int = 0
+    failed: int = 0
+    collected: bool = False
+    error: str | None = None
+
+
+class Ledger:
+    """The batches submitted from one cache folder: ``<folder>/batches/ledger.json``."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.folder = Path(cache_dir).expanduser() / "batches"
+        self.path = self.folder / "ledger.json"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self) -> dict[str, LedgerEntry]:
+        """The entries by input file id (empty if there is no ledger yet)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"cannot read the batch ledger {self.path}: {e}; move it away to rebuild it from "
+                "the server's list of batches"
+            ) from e
+        known = {f.name for f in dataclasses.fields(LedgerEntry)}
+        return {
+            k: LedgerEntry(**{n: v for n, v in e.items() if n in known})
+            for k, e in data.get("entries", {}).items()
+        }
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, LedgerEntry]]:
+        """The entries, to change under an exclusive lock; written back atomically on exit."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "ledger.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = self.read()
+            yield entries
+            self.write(entries)
+
+    def write(self, entries: Mapping[str, LedgerEntry]) -> None:
+        data = {
+            "version": LEDGER_VERSION,
+            "entries": {k: dataclasses.asdict(e) for k, e in entries.items()},
+        }
+        _write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True))
+
+    def keys_path(self, input_file_id: str) -> Path:
+        return self.folder / f"{input_file_id}.keys"
+
+    def write_keys(self, input_file_id: str, keys: Iterable[str]) -> None:
+        _write_atomic(self.keys_path(input_file_id), "\n".join(keys))
+
+    def keys(self, input_file_id: str) -> list[str]:
+        try:
+            return self.keys_path(input_file_id).read_text().split()
+        except FileNotFoundError:
+            return []
+
+    def forget_keys(self, input_file_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.keys_path(input_file_id).unlink()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Talking to the server
+# --------------------------------------------------------------------------------------------
+def _client(base_url: str, api_key: str) -> openai.AsyncOpenAI:
+    # A few control calls per batch, not a request storm: the SDK's own retries of a 5xx or a
+    # dropped connection are enough here.
+    return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=4, timeout=600.0)
+
+
+async def _call(base_url: str, what: Awaitable[Any]) -> Any:
+    """Await an SDK call, raising our error type (with what to do) instead of the SDK's."""
+    try:
+        return await what
+    except openai.OpenAIError as e:
+        error = map_error(e, base_url)
+        raise BatchAborted(f"the Batch API call failed: {error.message}", error) from e
+
+
+async def poll_batches(
+    batch_ids: Sequence[str], *, base_url: str, api_key: str
+) -> list[BatchStatus]:
+    """The status of each batch: one ``GET /v1/batches/{id}`` each, on the running loop."""
+    async with _client(base_url, api_key) as client:
+        return [
+            BatchStatus.of(await _call(base_url, client.batches.retrieve(i))) for i in batch_ids
+        ]
+
+
+def progress_of(statuses: Sequence[BatchStatus]) -> BatchProgress:
+    """Totals over ``statuses``."""
+    return BatchProgress(
+        batches=len(statuses),
+        ended=sum(s.ended for s in statuses),
+        lines=sum(s.total for s in statuses),
+        completed=sum(s.completed for s in statuses),
+        failed=sum(s.failed for s in statuses),
+    )
+
+
+async def wait_for_batches(
+    batch_ids: Sequence[str],
+    *,
+    base_url: str,
+    api_key: str,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+    poll_min: float = POLL_MIN,
+    poll_max: float = POLL_MAX,
+) -> list[BatchStatus]:
+    """Poll until every batch has ended, waiting ``poll_min`` growing to ``poll_max`` seconds."""
+    delay = poll_min
+    while True:
+        statuses = await poll_batches(batch_ids, base_url=base_url, api_key=api_key)
+        if on_progress is not None:
+            on_progress(progress_of(statuses))
+        if all(s.ended for s in statuses):
+            return statuses
+        await asyncio.sleep(delay)
+        delay = min(poll_max, delay * POLL_GROWTH)
+
+
+# --------------------------------------------------------------------------------------------
+# What a line's answer becomes
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Collected:
+    """What the downloaded files said about the keys of some batches."""
+
+    answered: set[str] = field(default_factory=set)
+    fatal: dict[str, RowError] = field(default_factory=dict)
+    # Keys worth another round, with the reason they failed this time.
+    retry: dict[str, str] = field(default_factory=dict)
+
+
+# Checks a downloaded answer before it is cached: returns the row's error, or None to cache it.
+Accept = Callable[[str, dict[str, Any]], RowError | None]
+
+
+def _entry(path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The cache entry of one successful line, as the synchronous engine writes it."""
+    usage = body.get("usage") or {}
+    if path == PATHS["embed"]:
+        data = body.get("data") or [{}]
+        return {"vector": data[0].get("embedding"), "usage": [usage.get("prompt_tokens", 0), 0]}
+    choice = (body.get("choices") or [{}])[0]
+    return {
+        "text": (choice.get("message") or {}).get("content"),
+        "usage": [usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)],
+        "finish": choice.get("finish_reason"),
+    }
+
+
+def _line_failure(base_url: str, line: Mapping[str, Any]) -> tuple[RowError | None, str]:
+    """(the row error of a line that failed for good, or None if worth retrying; its reason)."""
+    error = line.get("error")
+    if error:
+        code = error.get("code") or "error"
+        return None, f"{code}: {error.get('message') or ''}".strip()
+    response = line.get("response") or {}
+    status = int(response.get("status_code") or 0)
+    detail = ((response.get("body") or {}).get("error") or {}).get("message") or ""
+    if status == 429 or status >= 500 or status in (408, 409) or status == 0:
+        return None, f"{status}: {detail}"
+    if status in (401, 403, 404):
+        return (
+            BadRequest(f"the batch line was refused ({status}: {detail})", status=status),
+            "",
+        )
+    return BadRequest(f"{base_url} rejected the batch line ({status}: {detail})", status=status), ""
+
+
+# --------------------------------------------------------------------------------------------
+# A session: one run's use of the Batch API for an endpoint
+# --------------------------------------------------------------------------------------------
+class BatchSession:
+    """Send requests as Batch API jobs for one endpoint and cache folder, in rounds.
+
+    ``wait=False`` submits and raises :class:`BatchPending` instead of waiting. Errors of lines
+    that failed for good are kept for the session, so asking again does not resubmit them.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        wait: bool = True,
+        max_rounds: int = MAX_ROUNDS,
+        on_progress: Callable[[BatchProgress], None] | None = None,
+        poll_min: float = POLL_MIN,
+        poll_max: float = POLL_MAX,
+    ) -> None:
+        endpoint = settings.endpoint()
+        if endpoint.local:
+            raise ConfigError(
+                "the Batch API needs an OpenAI endpoint; the embedded model has none. Give "
+                "base_url=/api_key= ($OPENAI_BASE_URL, $OPENAI_API_KEY) or drop batch=True"
+            )
+        cache_dir = settings.cache_path()
+        if cache_dir is None:
+            raise ConfigError(
+                "the Batch API keeps its answers and its ledger in the cache; turn the cache on "
+                "(drop cache=False / --no-cache) to use batch=True"
+            )
+        self.base_url = endpoint.base_url
+        self.api_key = endpoint.api_key
+        self.cache_dir = cache_dir
+        self.cache: ResultCache = open_cache(cache_dir)
+        self.ledger = Ledger(cache_dir)
+        self.wait = wait
+        self.max_rounds = max_rounds
+        self.on_progress = on_progress
+        self.poll_min = poll_min
+        self.poll_max = poll_max
+        self.run_id = uuid.uuid4().hex[:16]
+        self.errors: dict[str, RowError] = {}
+        self.lines_submitted = 0
+        self.progress = BatchProgress()
+
+    # -- the engine's hook ---------------------------------------------------------------------
+    def complete(self, batch: Batch, texts: Sequence[str], keys: Sequence[str]) -> list[Outcome]:
+        """Outcomes of the misses of an engine ``Batch``, sent as Batch API jobs."""
+        from .engine import Outcome
+
+        path = PATHS[batch.kind]
+        if batch.kind == "embed":
+            bodies = {
+                k: {"model": batch.model, "input": t, **batch.params}
+                for k, t in zip(keys, texts, strict=True)
+            }
+        else:
+            bodies = {k: batch.template.body(t) for k, t in zip(keys, texts, strict=True)}
+
+        def accept(key: str, entry: dict[str, Any]) -> RowError | None:
+            if batch.kind == "chat":
+                text = entry.get("text")
+                if not text or not str(text).strip():
+                    return EmptyCompletion(
+                        f"the model returned no text (finish_reason={entry.get('finish')!r})",
+                        raw=text,
+                    )
+                if entry.get("finish") == "length" and batch.settings.truncated_is_error:
+                    return Truncated(
+                        "the answer was cut off at max_tokens; raise max_tokens", raw=text
+                    )
+            try:
+                batch.spec.post.parse(entry["vector"] if batch.kind == "embed" else entry["text"])
+            except ContentError as e:
+                return e
+            return None
+
+        self.send(bodies, path=path, accept=accept)
+        found = self.cache.get_many(list(keys))
+        outcomes: list[Outcome] = []
+        for key, hit in zip(keys, found, strict=True):
+            outcome = batch.decode(hit)
+            if outcome is None:
+                error = self.errors.get(key) or ServerError("the Batch API gave no answer")
+                outcome = Outcome(error=error)
+            else:
+                outcome.cached = False
+            outcomes.append(outcome)
+        return outcomes
+
+    def send(
+        self,
+        requests: Mapping[str, Mapping[str, Any]],
+        *,
+        path: str = PATHS["chat"],
+        accept: Accept | None = None,
+    ) -> dict[str, RowError]:
+        """Run ``requests`` (key -> body) through the Batch API until each is cached or failed.
+
+        Returns the row error of each key that failed. Blocks (on the engine loop) unless the
+        session does not wait, in which case it raises :class:`BatchPending` while batches run.
+        """
+        from .engine import engine_loop
+
+        todo = {k: b for k, b in requests.items() if k not in self.errors}
+        if todo:
+            engine_loop().run(self.send_async(todo, path=path, accept=accept))
+        return {k: self.errors[k] for k in requests if k in self.errors}
+
+    async def send_async(
+        self,
+        requests: Mapping[str, Mapping[str, Any]],
+        *,
+        path: str = PATHS["chat"],
+        accept: Accept | None = None,
+    ) -> None:
+        """The rounds, on the running loop: submit, wait, collect, resubmit what failed."""
+        todo = dict(requests)
+        reasons: dict[str, str] = {}
+        async with _client(self.base_url, self.api_key) as client:
+            for round_no in range(self.max_rounds + 1):
+                todo = self._uncached(todo)
+                if not todo:
+                    return
+                ids = await self._submit(client, todo, path, round_no)
+                got = Collected()
+                ours = set(todo)
+                if self.wait:
+                    await self._wait(client, ids, accept, ours, got)
+                else:
+                    statuses = await self._poll(client, ids)
+                    await self._collect_ended(client, statuses, accept, ours, got)
+                    self.errors.update({k: e for k, e in got.fatal.items() if k in todo})
+                    pending = [s.id for s in statuses if not s.ended]
+                    if pending:
+                        raise BatchPending(
+                            f"{len(pending)} batch(es) pending; rerun the same command later",
+                            pending,
+                            self.base_url,
+                        )
+                self.errors.update({k: e for k, e in got.fatal.items() if k in todo})
+                reasons.update(got.retry)
+                todo = {
+                    k: b
+                    for k, b in todo.items()
+                    if k not in got.answered and k not in got.fatal and k not in self.errors
+                }
+        for key in todo:
+            why = reasons.get(key, "no answer")
+            self.errors[key] = ServerError(
+                f"the Batch API gave no answer after {self.max_rounds + 1} round(s); last: {why}"
+            )
+
+    def _uncached(self, requests: dict[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+        keys = list(requests)
+        found = self.cache.get_many(keys)
+        return {k: requests[k] for k, hit in zip(keys, found, strict=True) if hit is None}
+
+    # -- submitting ----------------------------------------------------------------------------
+    async def _submit(
+        self,
+        client: openai.AsyncOpenAI,
+        todo: Mapping[str, Mapping[str, Any]],
+        path: str,
+        round_no: int,
+    ) -> list[str]:
+        """Submit the keys of ``todo`` not pending yet; the ids of every batch they wait on."""
+        if not self.ledger.exists():
+            await self._recover(client)
+        with self.ledger.locked() as entries:
+            await self._adopt_unfinished(client, entries)
+            waits_on: set[str] = set()
+            pending: set[str] = set()
+            for entry in entries.values():
+                if entry.collected or entry.batch_id is None or entry.base_url != self.base_url:
+                    continue
+                keys = set(self.ledger.keys(entry.input_file_id)) & todo.keys()
+                if keys:
+                    waits_on.add(entry.batch_id)
+                    pending |= keys
+            fresh = [(k, b) for k, b in todo.items() if k not in pending]
+            for shard in shards(fresh, path):
+                entry = await self._create(client, shard, path, round_no, entries)
+                assert entry.batch_id is not None
+                waits_on.add(entry.batch_id)
+        return sorted(waits_on)
+
+    async def _create(
+        self,
+        client: openai.AsyncOpenAI,
+        shard: Shard,
+        path: str,
+        round_no: int,
+        entries: dict[str, LedgerEntry],
+    ) -> LedgerEntry:
+        name = f"polars-llm-{self.run_id}-{shard.sha[:12]}.jsonl"
+        uploaded = await _call(
+            self.base_url,
+            client.files.create(file=(name, io.BytesIO(shard.data)), purpose="batch"),
+        )
+        entry = LedgerEntry(
+            input_file_id=uploaded.id,
+            base_url=self.base_url,
+            path=path,
+            model=shard.model,
+            keys_sha=shard.sha,
+            lines=len(shard.keys),
+            run_id=self.run_id,
+            round=round_no,
+            submitted_at=time.time(),
+        )
+        # Keys and entry go to disk before the batch exists: a crash right after create leaves
+        # an entry that the next run matches to the batch by its input file.
+        self.ledger.write_keys(uploaded.id, shard.keys)
+        entries[uploaded.id] = entry
+        self.ledger.write(entries)
+        created = await _call(
+            self.base_url,
+            client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint=path,  # type: ignore[arg-type]
+                completion_window="24h",
+                metadata={
+                    TAG: "1",
+                    "run_id": self.run_id,
+                    "model": shard.model[:512],
+                    "keys_sha": shard.sha,
+                    "round": str(round_no),
+                    "path": path,
+                },
+            ),
+        )
+        entry.batch_id = created.id
+        entry.status = created.status
+        self.ledger.write(entries)
+        self.lines_submitted += len(shard.keys)
+        return entry
+
+    async def _adopt_unfinished(
+        self, client: openai.AsyncOpenAI, entries: dict[str, LedgerEntry]
+    ) -> None:
+        """Match entries left between upload and batches.create to their batch, or drop them."""
+        orphans = {
+            e.input_file_id: e
+            for e in entries.values()
+            if e.batch_id is None and e.base_url == self.base_url
+        }
+        if not orphans:
+            return
+        async for batch in _recent_batches(client, self.base_url):
+            entry = orphans.pop(batch.input_file_id, None)
+            if entry is not None:
+                entry.batch_id, entry.status = batch.id, batch.status
+            if not orphans:
+                break
+        for input_file_id in orphans:
+            # Never created: its keys are submitted again.
+            del entries[input_file_id]
+            self.ledger.forget_keys(input_file_id)
+
+    async def _recover(self, client: openai.AsyncOpenAI) -> None:
+        """Rebuild a missing ledger from the server's recent batches that polars-llm made."""
+        found: dict[str, LedgerEntry] = {}
+        async for batch in _recent_batches(client, self.base_url):
+            meta = batch.metadata
+            if TAG not in meta or batch.status == "failed":
+                continue
+            content = await _call(self.base_url, client.files.content(batch.input_file_id))
+            keys = [json.loads(line)["custom_id"] for line in content.text.splitlines() if line]
+            self.ledger.folder.mkdir(parents=True, exist_ok=True)
+            self.ledger.write_keys(batch.input_file_id, keys)
+            found[batch.input_file_id] = LedgerEntry(
+                input_file_id=batch.input_file_id,
+                base_url=self.base_url,
+                path=meta.get("path", PATHS["chat"]),
+                model=meta.get("model", ""),
+                keys_sha=meta.get("keys_sha", ""),
+                lines=len(keys),
+                run_id=meta.get("run_id", ""),
+                round=int(meta.get("round", "0")),
+                submitted_at=float(batch.created_at),
+                batch_id=batch.id,
+                status=batch.status,
+            )
+        with self.ledger.locked() as entries:
+            for k, e in found.items():
+                entries.setdefault(k, e)
+
+    # -- waiting and collecting ----------------------------------------------------------------
+    async def _poll(self, client: openai.AsyncOpenAI, ids: Sequence[str]) -> list[BatchStatus]:
+        """The batches' statuses, recorded in the ledger and reported as progress."""
+        statuses = [
+            BatchStatus.of(await _call(self.base_url, client.batches.retrieve(i))) for i in ids
+        ]
+        self._record(statuses)
+        self.progress = progress_of(statuses)
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+        return statuses
+
+    async def _wait(
+        self,
+        client: openai.AsyncOpenAI,
+        ids: Sequence[str],
+        accept: Accept | None,
+        ours: set[str],
+        got: Collected,
+    ) -> None:
+        """Poll with backoff until every batch has ended, collecting each as it ends."""
+        delay = self.poll_min
+        watched_running: set[str] = set()
+        while True:
+            statuses = await self._poll(client, ids)
+            await self._collect_ended(client, statuses, accept, ours, got)
+            for s in statuses:
+                if s.status in ("cancelling", "cancelled") and s.id in watched_running:
+                    raise BatchAborted(
+                        f"batch {s.id} was cancelled while this run waited for it; the answers "
+                        "it finished are cached. Rerun the same command to resubmit the rest"
+                    )
+                if not s.ended:
+                    watched_running.add(s.id)
+            if all(s.ended for s in statuses):
+                return
+            await asyncio.sleep(delay)
+            delay = min(self.poll_max, delay * POLL_GROWTH)
+
+    def _record(self, statuses: Sequence[BatchStatus]) -> None:
+        by_id = {s.id: s for s in statuses}
+        with self.ledger.locked() as entries:
+            for entry in entries.values():
+                s = by_id.get(entry.batch_id or "")
+                if s is None or entry.collected:
+                    continue
+                entry.status = s.status
+                entry.completed, entry.failed = s.completed, s.failed
+                entry.output_file_id, entry.error_file_id = s.output_file_id, s.error_file_id
+                if s.errors:
+                    entry.error = "; ".join(s.errors)
+
+    async def _collect_ended(
+        self,
+        client: openai.AsyncOpenAI,
+        statuses: Sequence[BatchStatus],
+        accept: Accept | None,
+        ours: set[str],
+        got: Collected,
+    ) -> None:
+        """Download the files of the ended, uncollected batches among ``statuses`` into the
+        cache; what each line said goes into ``got``."""
+        ended = {s.id: s for s in statuses if s.ended}
+        for entry in self.ledger.read().values():
+            batch = ended.get(entry.batch_id or "")
+            if batch is None or entry.collected:
+                continue
+            keys = self.ledger.keys(entry.input_file_id)
+            if batch.status == "failed":
+                self._mark_collected(entry, batch)
+                raise BatchAborted(
+                    f"batch {batch.id} ({entry.lines} lines, model {entry.model}) failed "
+                    f"validation: {'; '.join(batch.errors) or 'no reason given'}. Nothing of it "
+                    "was charged; fix the cause and rerun"
+                )
+            seen: set[str] = set()
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                if file_id is None:
+                    continue
+                content = await _call(self.base_url, client.files.content(file_id))
+                for raw in content.text.splitlines():
+                    if not raw.strip():
+                        continue
+                    line = json.loads(raw)
+                    key = line.get("custom_id")
+                    if not isinstance(key, str):
+                        continue
+                    seen.add(key)
+                    self._take_line(entry, key, line, accept if key in ours else None, got)
+            for key in keys:
+                if key not in seen:
+                    got.retry[key] = f"not in the batch's files (batch {batch.status})"
+            self.cache.flush()
+            self._mark_collected(entry, batch)
+
+    def _take_line(
+        self,
+        entry: LedgerEntry,
+        key: str,
+        line: Mapping[str, Any],
+        accept: Accept | None,
+        got: Collected,
+    ) -> None:
+        response = line.get("response") or {}
+        if not line.get("error") and response.get("status_code") == 200:
+            cached = _entry(entry.path, response.get("body") or {})
+            problem = accept(key, cached) if accept is not None else None
+            if problem is None:
+                self.cache.put(key, cached)
+                got.answered.add(key)
+            else:
+                got.fatal[key] = problem
+            return
+        fatal, why = _line_failure(self.base_url, line)
+        if fatal is not None:
+            got.fatal[key] = fatal
+        else:
+            got.retry[key] = why
+
+    def _mark_collected(self, entry: LedgerEntry, batch: BatchStatus) -> None:
+        with self.ledger.locked() as entries:
+            current = entries.get(entry.input_file_id)
+            if current is None:
+                return
+            current.collected = True
+            current.status = batch.status
+            current.completed, current.failed = batch.completed, batch.failed
+            current.output_file_id, current.error_file_id = (
+                batch.output_file_id,
+                batch.error_file_id,
+            )
+            if batch.errors:
+                current.error = "; ".join(batch.errors)
+        entry.collected = True
+        self.ledger.forget_keys(entry.input_file_id)
+
+
+async def _recent_batches(client: openai.AsyncOpenAI, base_url: str) -> Any:
+    """The server's batches, newest first, back to RECOVER_SECONDS ago."""
+    oldest = time.time() - RECOVER_SECONDS
+    after: str | None = None
+    for _ in range(RECOVER_PAGES):
+        page = await _call(
+            base_url,
+            client.batches.list(limit=100, **({"after": after} if after else {})),
+        )
+        for batch in page.data:
+            if batch.created_at < oldest:
+                return
+            yield BatchStatus.of(batch)
+        if not page.data or not page.has_more:
+            return
+        after = page.data[-1].id
+
+
+# --------------------------------------------------------------------------------------------
+# Shards
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Shard:
+    """One input file: lines of one model, within the line and byte limits."""
+
+    model: str
+    keys: list[str]
+    data: bytes
+    sha: str
+
+
+def shards(
+    requests: Iterable[tuple[str, Mapping[str, Any]]],
+    path: str,
+    max_lines: int = MAX_LINES,
+    max_bytes: int = MAX_BYTES,
+) -> Iterator[Shard]:
+    """JSONL input files for ``requests`` (key, body): one model per file, within the limits."""
+    open_shards: dict[str, tuple[list[str], list[bytes], int]] = {}
+
+    def close(model: str) -> Shard:
+        keys, lines, _ = open_shards.pop(model)
+        sha = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+        return Shard(model, keys, b"".join(lines), sha)
+
+    for key, body in requests:
+        model = str(body.get("model"))
+        line = (
+            json.dumps(
+                {"custom_id": key, "method": "POST", "url": path, "body": body},
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+            + "\n"
+        ).encode()
+        if len(line) > max_bytes:
+            raise ConfigError(
+                f"one request is {len(line):,} bytes, more than a batch file may hold; "
+                "shorten the prompt"
+            )
+        current = open_shards.get(model)
+        if current is not None and (
+            len(current[0]) >= max_lines or current[2] + len(line) > max_bytes
+        ):
+            yield close(model)
+            current = None
+        if current is None:
+            current = open_shards[model] = ([], [], 0)
+        keys, lines, size = current
+        keys.append(key)
+        lines.append(line)
+        open_shards[model] = (keys, lines, size + len(line))
+    for model in list(open_shards):
+        yield close(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Management: what `polars-llm batch list|status|cancel` do
+# --------------------------------------------------------------------------------------------
+def list_batches(cache_dir: Path) -> list[LedgerEntry]:
+    """The ledger's batches, oldest first, as last seen (no call is made)."""
+    return sorted(Ledger(cache_dir).read().values(), key=lambda e: e.submitted_at)
+
+
+def _endpoint(settings: Settings) -> tuple[str, str, Path]:
+    endpoint = settings.endpoint()
+    cache_dir = settings.cache_path()
+    if endpoint.local or cache_dir is None:
+        raise ConfigError("give the endpoint (--base-url, --api-key) and a cache folder")
+    return endpoint.base_url, endpoint.api_key, cache_dir
+
+
+def refresh(settings: Settings) -> list[LedgerEntry]:
+    """The ledger's batches with the status of those still running asked of the server."""
+    from .engine import engine_loop
+
+    base_url, api_key, cache_dir = _endpoint(settings)
+    ledger = Ledger(cache_dir)
+    running = [
+        e.batch_id
+        for e in ledger.read().values()
+        if e.batch_id and e.base_url == base_url and not e.collected and e.status not in ENDED
+    ]
+    if running:
+        statuses = engine_loop().run(poll_batches(running, base_url=base_url, api_key=api_key))
+        by_id = {s.id: s for s in statuses}
+        with ledger.locked() as entries:
+            for entry in entries.values():
+                s = by_id.get(entry.batch_id or "")
+                if s is not None:
+                    entry.status, entry.completed, entry.failed = s.status, s.completed, s.failed
+    return list_batches(cache_dir)
+
+
+def cancel(settings: Settings, batch_ids: Sequence[str] | None = None) -> list[str]:
+    """Cancel the given batches, or every running batch of the ledger; returns the ids."""
+    from .engine import engine_loop
+
+    base_url, api_key, cache_dir = _endpoint(settings)
+    ledger = Ledger(cache_dir)
+    entries = ledger.read()
+    known = {e.batch_id for e in entries.values() if e.batch_id}
+    if batch_ids:
+        unknown = [i for i in batch_ids if i not in known]
+        if unknown:
+            raise ConfigError(
+                f"no batch {', '.join(unknown)} in the ledger of {cache_dir}; "
+                "see `polars-llm batch list`"
+            )
+        ids = list(batch_ids)
+    else:
+        ids = [
+            e.batch_id
+            for e in entries.values()
+            if e.batch_id and e.base_url == base_url and e.status not in ENDED and not e.collected
+        ]
+
+    async def cancel_all() -> list[BatchStatus]:
+        async with _client(base_url, api_key) as client:
+            return [BatchStatus.of(await _call(base_url, client.batches.cancel(i))) for i in ids]
+
+    statuses = engine_loop().run(cancel_all()) if ids else []
+    by_id = {s.id: s for s in statuses}
+    with ledger.locked() as current:
+        for entry in current.values():
+            s = by_id.get(entry.batch_id or "")
+            if s is not None:
+                entry.status = s.status
+    return ids
+
+
+def submit(
+    requests: Mapping[str, Mapping[str, Any]], settings: Settings, *, path: str = PATHS["chat"]
+) -> list[str]:
+    """Submit what ``requests`` (key -> body) still need, without waiting; the batch ids."""
+    session = BatchSession(settings, wait=False)
+    try:
+        session.send(requests, path=path)
+    except BatchPending as e:
+        return e.batch_ids
+    return []
+
+
+def collect(settings: Settings) -> int:
+    """Download every ended, uncollected batch of the ledger into the cache; answers written."""
+    from .engine import engine_loop
+
+    session = BatchSession(settings)
+    ids = [
+        e.batch_id
+        for e in session.ledger.read().values()
+        if e.batch_id and not e.collected and e.base_url == session.base_url
+    ]
+
+    async def run() -> int:
+        got = Collected()
+        async with _client(session.base_url, session.api_key) as client:
+            statuses = await session._poll(client, ids)
+            await session._collect_ended(client, statuses, None, set(), got)
+        return len(got.answered)
+
+    return int(engine_loop().run(run())) if ids else 0
