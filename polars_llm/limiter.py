@@ -3,49 +3,58 @@
 A Limiter lives on the engine's single event loop (see engine.py). Every batch of every thread in
 the process submits its work to that loop, so confining the limiter to it makes it process-wide
 without a thread lock, and no waiting ever blocks an executor thread.
+
+Rate budgets are spaced, not bucketed (GCRA): each request takes a slice of a timeline, as long
+as the budgets allow (``60 / rpm`` seconds, or its tokens' share of ``tpm``), and starts no
+earlier than the slice. A bucket that allows a burst on top of its rate sends more than the limit
+in the first second, which a server that enforces its limit per second refuses.
+
+The timeline is shared (shared.py): the limiter takes a fraction of a second of it at a time from
+the home that every process using the same endpoint, key and model shares, then spaces its own
+requests inside that chunk. One process alone uses an in-process home.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
+import re
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 
-# The client's rate budgets allow half a second's worth of burst, half of what providers usually
-# tolerate (about one second's worth), so jitter in network delay does not turn into 429s.
-CLIENT_BURST_SECONDS = 0.5
+from .shared import InProcessState, SharedState, SharedStateError
 
-
-class TokenBucket:
-    """A budget of ``per_minute`` units refilled continuously (smoothed per second, not per minute)."""
-
-    def __init__(self, per_minute: float, burst_seconds: float, clock: Callable[[], float]) -> None:
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * burst_seconds)
-        self.level = self.capacity
-        self._clock = clock
-        self._stamp = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        self.level = min(self.capacity, self.level + (now - self._stamp) * self.rate)
-        self._stamp = now
-
-    def wait_time(self, amount: float) -> float:
-        """Seconds until ``amount`` fits; an amount above capacity waits for a full bucket."""
-        self._refill()
-        need = min(amount, self.capacity)
-        return 0.0 if self.level >= need else (need - self.level) / self.rate
-
-    def take(self, amount: float) -> None:
-        self._refill()
-        # May go negative for an amount above capacity: the debt delays the next requests.
-        self.level -= amount
+# The share of a known limit the client aims at. Network jitter moves requests from one of the
+# server's one-second windows into the next; 5% of headroom absorbs that.
+RATE_SHARE = 0.95
+# Seconds of lateness a request may make up for (a busy event loop woke it late) by going
+# sooner than its slice: at most half of the headroom above, so catching up never bursts.
+CATCH_UP = 0.025
+# The most budget, in seconds of the timeline, taken from the shared home at once. A few round
+# trips a second per process; at most this much is lost when a process dies holding it.
+CHUNK_SECONDS = 0.25
+# Chunks closer than this are one stretch (our last one and the next): clocks read on the way to
+# and from the home differ by about this much.
+CONTIGUOUS = 0.002
+# With no rate limit known, how often the shared home is asked whether another process's 429
+# put everyone on hold.
+COOLDOWN_POLL = 0.25
+# Characters per token before answers' usage teaches better (English prose is about four).
+DEFAULT_CHARS_PER_TOKEN = 4.0
+# Prompt tokens observed before the calibrated ratio replaces the default.
+CALIBRATION_TOKENS = 200
+# Above this many tokens observed, older observations weigh half, so the ratio follows changes.
+CALIBRATION_WINDOW = 200_000
 
 
 class Limiter:
-    """Admission for one endpoint: ``await acquire(tokens)`` before a request, ``release`` after."""
+    """Admission for one endpoint: ``await acquire(tokens)`` before a request, ``release`` after.
+
+    ``shared`` is the home of the rate budget and cooldown this limiter shares with other
+    processes, under the name ``scope`` (see ``shared.scope_for``); by default, this process's.
+    """
 
     def __init__(
         self,
@@ -53,6 +62,8 @@ class Limiter:
         rpm: int | None = None,
         tpm: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedState | None = None,
+        scope: str = "",
     ) -> None:
         self._clock = clock
         self._max = concurrency
@@ -60,16 +71,28 @@ class Limiter:
         self._active = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._rate_lock = asyncio.Lock()
-        self._rpm: TokenBucket | None = None
-        self._tpm: TokenBucket | None = None
-        self._rpm_value: int | None = None
-        self._tpm_value: int | None = None
+        self._rate_waiting = 0  # tasks waiting for the rate budget: sizes the next chunk
+        self._shared: SharedState = shared if shared is not None else InProcessState(clock)
+        self._alone = shared is None  # no other process to hear from or tell
+        self._scope = scope
+        self._pending: set[asyncio.Task[None]] = set()
+        self._rpm: int | None = None
+        self._tpm: int | None = None
+        self._learned_rpm: int | None = None  # from x-ratelimit-limit-* headers
+        self._learned_tpm: int | None = None
+        # The timeline: budget is ours up to _granted_until; the next request may start at
+        # _cursor (both on this limiter's clock).
+        self._cursor = -math.inf
+        self._granted_until = -math.inf
+        self._next_poll = -math.inf
         self._cooldown_until = 0.0
         # After a 429, admissions are spaced at least this far apart, so the end of a cooldown
         # lets requests out at about the rate the endpoint allows instead of all at once.
         # Shrinks with each success until it vanishes.
         self._spacing = 0.0
         self._last_cut = -1e9
+        self._chars = 0.0  # prompt characters and tokens of answers, for the token estimate
+        self._tokens = 0.0
         self.consecutive_failures = 0  # 5xx, timeouts, connection errors since the last success
         self.configure(concurrency, rpm, tpm)
 
@@ -78,29 +101,26 @@ class Limiter:
         """Apply a batch's settings; the most recent call's settings win for the endpoint.
 
         What the endpoint taught us stays: a limit cut by 429s stays cut (up to the new
-        concurrency), and a bucket keeps its level when only its rate changes, so two
+        concurrency), and budget already taken stays taken when only the rate changes, so two
         expressions with different settings cannot refill each other's budget.
         """
         if concurrency != self._max:
             cut = self._limit < self._max
             self._max = concurrency
             self._limit = min(self._limit, float(concurrency)) if cut else float(concurrency)
-        if rpm != self._rpm_value:
-            self._rpm_value = rpm
-            self._rpm = self._rebucket(self._rpm, rpm)
-        if tpm != self._tpm_value:
-            self._tpm_value = tpm
-            self._tpm = self._rebucket(self._tpm, tpm)
+        self._rpm = rpm
+        self._tpm = tpm
         self._wake()
 
-    def _rebucket(self, bucket: TokenBucket | None, per_minute: int | None) -> TokenBucket | None:
-        if not per_minute:
-            return None
-        fresh = TokenBucket(per_minute, CLIENT_BURST_SECONDS, self._clock)
-        if bucket is not None:
-            bucket._refill()
-            fresh.level = min(fresh.capacity, bucket.level)
-        return fresh
+    @property
+    def rpm(self) -> int | None:
+        """The requests-per-minute limit in force: configured, else learned from the endpoint."""
+        return self._rpm or self._learned_rpm
+
+    @property
+    def tpm(self) -> int | None:
+        """The tokens-per-minute limit in force: configured, else learned from the endpoint."""
+        return self._tpm or self._learned_tpm
 
     @property
     def max_concurrency(self) -> int:
@@ -121,25 +141,81 @@ class Limiter:
         """Wait for a concurrency slot, then for the rate budgets and any cooldown."""
         await self._acquire_slot()
         try:
-            async with self._rate_lock:  # FIFO: the longest waiter is served first
-                while True:
-                    wait = self._cooldown_until - self._clock()
-                    if self._rpm is not None:
-                        wait = max(wait, self._rpm.wait_time(1))
-                    if self._tpm is not None and tokens:
-                        wait = max(wait, self._tpm.wait_time(tokens))
-                    if wait <= 0:
-                        break
-                    await asyncio.sleep(wait)
-                if self._rpm is not None:
-                    self._rpm.take(1)
-                if self._tpm is not None and tokens:
-                    self._tpm.take(tokens)
-                if self._spacing:
-                    self._cooldown_until = max(self._cooldown_until, self._clock() + self._spacing)
+            self._rate_waiting += 1
+            try:
+                async with self._rate_lock:  # FIFO: the longest waiter is served first
+                    await self._admit(self._cost(tokens))
+            finally:
+                self._rate_waiting -= 1
         except BaseException:
             self.release()
             raise
+
+    def _cost(self, tokens: int) -> float:
+        """Seconds of the timeline one request takes under the budgets in force."""
+        cost = 0.0
+        if self.rpm:
+            cost = 60.0 / (self.rpm * RATE_SHARE)
+        if self.tpm and tokens:
+            cost = max(cost, tokens * 60.0 / (self.tpm * RATE_SHARE))
+        return cost
+
+    async def _admit(self, cost: float) -> None:
+        while True:
+            now = self._clock()
+            wait = self._cooldown_until - now
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if cost == 0.0:
+                if now < self._next_poll or self._alone:
+                    break
+                # No budget to take, but another process's 429 may hold everyone back.
+                self._next_poll = now + COOLDOWN_POLL
+                held = await self._reserve(0.0)
+                if held <= 0:
+                    break
+                self._cooldown_until = max(self._cooldown_until, self._clock() + held)
+                continue
+            start = max(self._cursor, now - CATCH_UP)
+            if start + cost > self._granted_until + 1e-9:
+                await self._take_chunk(cost)
+                continue
+            if start > now:
+                await asyncio.sleep(start - now)
+                continue
+            self._cursor = start + cost
+            break
+        if self._spacing:
+            self._cooldown_until = max(self._cooldown_until, self._clock() + self._spacing)
+
+    async def _take_chunk(self, cost: float) -> None:
+        """Take the next stretch of the shared timeline: whole requests' worth, as many as are
+        waiting, up to CHUNK_SECONDS."""
+        # Whole requests only: a request that ran past its chunk's end would overlap the
+        # next chunk, which may be another process's.
+        count = max(1, min(self._rate_waiting, int(CHUNK_SECONDS / cost)))
+        seconds = count * cost
+        start = self._clock() + await self._reserve(seconds)
+        if start > self._granted_until + CONTIGUOUS:
+            # Others took the budget between our chunks: what is left of ours is too short
+            # for a request, and we start afresh in the new one.
+            self._cursor = start
+        self._granted_until = start + seconds
+
+    async def _reserve(self, seconds: float) -> float:
+        try:
+            return await self._shared.reserve(self._scope, seconds)
+        except SharedStateError as e:
+            self._lose_shared(e)
+            return await self._shared.reserve(self._scope, seconds)
+
+    def _lose_shared(self, error: SharedStateError) -> None:
+        # A broken home must not stop the run: go on alone, and say once that it is alone.
+        if not self._alone:
+            warnings.warn(f"{error} Going on with this process's own rate budget.", stacklevel=2)
+            self._shared = InProcessState(self._clock)
+            self._alone = True
 
     def release(self) -> None:
         """Give back the slot taken by ``acquire``."""
@@ -182,15 +258,106 @@ class Limiter:
         self.consecutive_failures += 1
 
     def on_rate_limited(self, retry_after: float | None) -> None:
-        """A 429: pause new requests to this endpoint and cut the concurrency limit."""
+        """A 429: pause new requests to this endpoint, here and in every process sharing it,
+        and cut the concurrency limit."""
         now = self._clock()
         pause = retry_after if retry_after is not None else 1.0
         self._cooldown_until = max(self._cooldown_until, now + pause)
         self._spacing = max(self._spacing, min(pause, 1.0))
+        self._tell_others(pause)
         # Many in-flight requests see the same 429 storm: cut once per window, not per answer.
         if now - self._last_cut > max(pause, 1.0):
             self._last_cut = now
             self._limit = max(1.0, self._limit / 2)
 
+    def _tell_others(self, pause: float) -> None:
+        if self._alone:
+            return  # nobody else to tell; the local cooldown is the whole story
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        async def push() -> None:
+            try:
+                await self._shared.pause(self._scope, pause)
+            except SharedStateError as e:
+                self._lose_shared(e)
+
+        task = loop.create_task(push())
+        self._pending.add(task)  # a task nobody references may be collected mid-flight
+        task.add_done_callback(self._pending.discard)
+
     def cooldown_remaining(self) -> float:
         return max(0.0, self._cooldown_until - self._clock())
+
+    # -- what answers teach ----------------------------------------------------------------
+    def observe(self, headers: Mapping[str, str], chars: int, prompt_tokens: int) -> None:
+        """Learn from an answer: the endpoint's limits from its ``x-ratelimit-*`` headers, and
+        how many characters of prompt make a token from its ``usage``.
+
+        ``chars`` is the prompt's length in characters (every message) and ``prompt_tokens``
+        what the endpoint charged for it (0 when it did not say).
+        """
+        if chars > 0 and prompt_tokens > 0:
+            self._chars += chars
+            self._tokens += prompt_tokens
+            if self._tokens > CALIBRATION_WINDOW:
+                self._chars /= 2
+                self._tokens /= 2
+        if not headers:
+            return
+        lower = {k.lower(): v for k, v in headers.items()}
+        for kind in ("requests", "tokens"):
+            limit = _positive_int(lower.get(f"x-ratelimit-limit-{kind}"))
+            if limit is None:
+                continue
+            if kind == "requests":
+                self._learned_rpm = limit
+            else:
+                self._learned_tpm = limit
+            # The endpoint says its budget is spent: wait for it to refill rather than learn
+            # it from a 429. The reset header tells when the budget is whole again; one
+            # request's share of it (or a second, whichever is longer) is back sooner.
+            if _positive_int(lower.get(f"x-ratelimit-remaining-{kind}"), allow_zero=True) == 0:
+                reset = parse_duration(lower.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    pause = min(reset, max(1.0, 60.0 / limit))
+                    self._cooldown_until = max(self._cooldown_until, self._clock() + pause)
+
+    def tokens_for(self, chars: int) -> int:
+        """The estimated tokens of a prompt of ``chars`` characters, as this endpoint counts."""
+        ratio = DEFAULT_CHARS_PER_TOKEN
+        if self._tokens >= CALIBRATION_TOKENS:
+            ratio = self._chars / self._tokens
+        return int(chars / ratio) + 1
+
+
+def _positive_int(value: str | None, allow_zero: bool = False) -> int | None:
+    try:
+        number = int(float(value)) if value is not None else None
+    except ValueError:
+        return None
+    if number is None or number < 0 or (number == 0 and not allow_zero):
+        return None
+    return number
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in a reset header: OpenAI writes ``"120ms"``, ``"1.5s"``, ``"6m0s"``; a bare
+    number is seconds. None when it cannot be read."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)

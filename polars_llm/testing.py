@@ -125,7 +125,9 @@ class FakeServer:
 
     ``latency`` and ``jitter`` set how long each answer takes (``latency`` plus or minus
     up to ``jitter`` seconds). ``rpm`` and ``tpm`` are per-minute limits enforced with
-    token buckets holding ``burst_seconds`` worth of the limit. ``error_rate``,
+    token buckets holding ``burst_seconds`` worth of the limit; with ``per_second`` they are
+    enforced per fixed one-second window instead (a sixtieth of the limit in each), as OpenAI
+    may: a burst on top of the rate is then refused. ``error_rate``,
     ``hang_rate`` and ``reset_rate`` are the shares of requests answered with a 5xx,
     left without an answer for ``hang_seconds`` (then answered as usual), or whose
     connection is reset.
@@ -151,6 +153,7 @@ class FakeServer:
         rpm: int | None = None,
         tpm: int | None = None,
         burst_seconds: float = 1.0,
+        per_second: bool = False,
         error_rate: float = 0.0,
         hang_rate: float = 0.0,
         reset_rate: float = 0.0,
@@ -190,6 +193,7 @@ class FakeServer:
         self.rpm = rpm
         self.tpm = tpm
         self.burst_seconds = burst_seconds
+        self.per_second = per_second
         self.error_rate = error_rate
         self.hang_rate = hang_rate
         self.reset_rate = reset_rate
@@ -204,8 +208,9 @@ class FakeServer:
         self.base_url = ""
 
         self._rng = random.Random(seed)
-        self._request_bucket = _Bucket(rpm, burst_seconds) if rpm else None
-        self._token_bucket = _Bucket(tpm, burst_seconds) if tpm else None
+        limiter = _Window if per_second else _Bucket
+        self._request_bucket: _Bucket | None = limiter(rpm, burst_seconds) if rpm else None
+        self._token_bucket: _Bucket | None = limiter(tpm, burst_seconds) if tpm else None
         # Counters change on the server loop and are read from test threads: the lock
         # keeps a snapshot from seeing a dict in the middle of an update.
         self._lock = threading.Lock()
@@ -706,6 +711,32 @@ async def _call(function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
 
 
+class _Window(_Bucket):
+    """``limit`` per minute as a sixtieth of it in each fixed one-second window."""
+
+    def __init__(self, limit: int, burst_seconds: float) -> None:
+        super().__init__(limit, burst_seconds)
+        self.capacity = max(1.0, float(limit // 60))
+        self.second = math.floor(time.monotonic())
+
+    def refill(self, now: float) -> None:
+        if math.floor(now) != self.second:
+            self.second = math.floor(now)
+            self.level = self.capacity
+        self.stamp = now
+
+    def wait(self, amount: float, now: float) -> float:
+        self.refill(now)
+        if self.level >= min(amount, self.capacity):
+            return 0.0
+        return self.second + 1.0 - now
+
+    def time_to_full(self) -> float:
+        if self.level >= self.capacity:
+            return 0.0
+        return max(0.0, self.second + 1.0 - self.stamp)
+
+
 def _duration(seconds: float) -> str:
     """Format a wait like OpenAI's reset headers: "120ms", "1s", "1.5s", "6m0s"."""
     if seconds < 1.0:
@@ -1089,12 +1120,16 @@ def _read_first_line(process: subprocess.Popen, timeout: float) -> str:
 # -- command line ----------------------------------------------------------------------
 
 # FakeServer's arguments that the command line (and so spawn_server) can pass on.
-_CLI_OPTIONS: dict[str, tuple[type, str]] = {
+_CLI_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "latency": (float, "seconds each answer takes (default 0)"),
     "jitter": (float, "up to this many seconds more or less than --latency"),
     "rpm": (int, "requests per minute before 429s"),
     "tpm": (int, "tokens per minute before 429s (prompt estimate + max_tokens)"),
     "burst_seconds": (float, "how many seconds of the limits a full bucket holds (default 1)"),
+    "per_second": (
+        lambda text: text.strip().lower() in ("1", "true", "yes"),
+        "true: enforce the limits per fixed one-second window instead of with buckets",
+    ),
     "error_rate": (float, "share of requests answered 500 or 503"),
     "hang_rate": (float, "share of requests left unanswered for --hang-seconds"),
     "reset_rate": (float, "share of requests whose connection is reset"),

@@ -1,4 +1,4 @@
-"""The Limiter and TokenBucket on a real asyncio loop, with an injected virtual clock.
+"""The Limiter on a real asyncio loop, with an injected virtual clock.
 
 The limiter's own waits go through ``asyncio.sleep``; the ``clock`` fixture routes them to the
 virtual clock, which jumps forward by the delay at once, so minutes of rate limiting take
@@ -8,13 +8,16 @@ microseconds and the elapsed virtual time is exact.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import selectors
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
 from polars_llm import limiter as limiter_module
-from polars_llm.limiter import CLIENT_BURST_SECONDS, Limiter, TokenBucket
+from polars_llm.limiter import CATCH_UP, RATE_SHARE, Limiter, parse_duration
+from polars_llm.shared import InProcessState, RedisState
 
 T = TypeVar("T")
 _real_sleep = asyncio.sleep
@@ -83,48 +86,35 @@ async def acquire_many(limiter: Limiter, count: int, tokens: int = 0) -> None:
         limiter.release()
 
 
-# --------------------------------------------------------------------------------------------
-# TokenBucket
-# --------------------------------------------------------------------------------------------
-def test_bucket_starts_full_and_refills_at_its_rate(clock: VirtualClock) -> None:
-    """A 600/min bucket holds half a second's worth (5) and then refills 10 a second."""
-    bucket = TokenBucket(600, CLIENT_BURST_SECONDS, clock)
-    assert bucket.capacity == 5
-    assert bucket.wait_time(5) == 0
-    bucket.take(5)
-    assert bucket.wait_time(1) == pytest.approx(0.1)
-    clock.advance(0.1)
-    assert bucket.wait_time(1) == pytest.approx(0, abs=1e-9)
+def spacing(rpm: float) -> float:
+    """Seconds between two requests at ``rpm``, as the limiter aims (a little under the limit)."""
+    return 60.0 / (rpm * RATE_SHARE)
 
 
-def test_bucket_never_holds_more_than_its_capacity(clock: VirtualClock) -> None:
-    """After a long idle time the bucket is full, not holding the idle time's worth."""
-    bucket = TokenBucket(600, CLIENT_BURST_SECONDS, clock)
-    clock.advance(3600)
-    assert bucket.wait_time(5) == 0  # the limiter always asks, then takes at the same instant
-    bucket.take(5)
-    assert bucket.wait_time(1) == pytest.approx(0.1)
+async def admission_times(limiter: Limiter, tasks: int, each: int, tokens: int = 0) -> list[float]:
+    """When each of ``tasks * each`` requests was admitted, by tasks running concurrently."""
+    times: list[float] = []
+
+    async def task() -> None:
+        for _ in range(each):
+            await limiter.acquire(tokens)
+            times.append(clock_of(limiter)())
+            limiter.release()
+
+    await asyncio.gather(*(task() for _ in range(tasks)))
+    return sorted(times)
 
 
-def test_bucket_of_a_tiny_rate_still_admits_one(clock: VirtualClock) -> None:
-    """A budget below one unit per burst window still lets a single request through."""
-    bucket = TokenBucket(1, CLIENT_BURST_SECONDS, clock)
-    assert bucket.capacity == 1
-    assert bucket.wait_time(1) == 0
+def clock_of(limiter: Limiter) -> Callable[[], float]:
+    return limiter._clock
 
 
-def test_bucket_oversize_amount_waits_for_a_full_bucket_then_leaves_debt(
-    clock: VirtualClock,
-) -> None:
-    """An amount above capacity is admitted once the bucket is full; the debt delays the next."""
-    bucket = TokenBucket(6000, CLIENT_BURST_SECONDS, clock)  # 100 a second, capacity 50
-    assert bucket.wait_time(50) == 0
-    bucket.take(50)
-    assert bucket.wait_time(500) == pytest.approx(0.5)  # waits for 50, not for 500
-    clock.advance(0.5)
-    assert bucket.wait_time(500) == pytest.approx(0, abs=1e-9)
-    bucket.take(500)
-    assert bucket.wait_time(10) == pytest.approx(4.6)
+def busiest_second(times: list[float]) -> int:
+    """The most requests in any one-second window, wherever the server's windows begin."""
+    return max(
+        sum(1 for t in times if start <= t < start + 1.0)
+        for start in times  # a window starting at each admission covers every case
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,40 +208,74 @@ def test_cancelled_during_the_rate_wait_gives_back_its_slot(clock: VirtualClock)
 
 
 # --------------------------------------------------------------------------------------------
-# Rate budgets
+# Rate budgets: spaced, never bursting
 # --------------------------------------------------------------------------------------------
-def test_rpm_admits_about_rate_times_time(clock: VirtualClock) -> None:
-    """At 600 rpm, 10 virtual seconds admit the burst (5) plus 10 a second, one at a time."""
+def test_rpm_spaces_requests_evenly(clock: VirtualClock) -> None:
+    """At 600 rpm requests are admitted one spacing apart, from the first one on: no burst."""
 
-    async def main() -> int:
-        limiter = Limiter(100, rpm=600, clock=clock)
-        start = clock.now
-        admitted = 0
-        while True:
-            await limiter.acquire()
-            limiter.release()
-            if clock.now - start > 10.0 + 1e-6:
-                return admitted
-            admitted += 1
+    async def main() -> list[float]:
+        return await admission_times(Limiter(100, rpm=600, clock=clock), 1, 20)
 
-    assert run(main) in (104, 105, 106)
+    times = run(main)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps == pytest.approx([spacing(600)] * 19)
 
 
 def test_rpm_is_shared_by_concurrent_tasks(clock: VirtualClock) -> None:
-    """50 concurrent tasks taking 150 requests at 600 rpm together need (150 - 5) / 10 s."""
+    """50 concurrent tasks taking 150 requests at 600 rpm need 149 spacings, not less."""
 
-    async def main() -> float:
-        limiter = Limiter(50, rpm=600, clock=clock)
-        start = clock.now
-        await asyncio.gather(*(acquire_many(limiter, 3) for _ in range(50)))
-        return clock.now - start
+    async def main() -> list[float]:
+        return await admission_times(Limiter(50, rpm=600, clock=clock), 50, 3)
 
-    assert run(main) == pytest.approx(14.5, abs=0.01)
+    times = run(main)
+    assert times[-1] - times[0] == pytest.approx(149 * spacing(600))
+
+
+def test_every_one_second_window_stays_under_the_limit(clock: VirtualClock) -> None:
+    """At 3,000 rpm (50 a second), no one-second window, wherever it starts, sees more than
+    50 admissions, and the limit is used to at least 90%."""
+
+    async def main() -> list[float]:
+        return await admission_times(Limiter(64, rpm=3000, clock=clock), 64, 10)
+
+    times = run(main)
+    assert busiest_second(times) <= 50
+    assert len(times) / (times[-1] - times[0] + spacing(3000)) >= 0.9 * 50
+
+
+def test_idle_time_is_not_saved_up_as_a_burst(clock: VirtualClock) -> None:
+    """After an hour idle, the first request goes at once and the next still waits a spacing."""
+
+    async def main() -> list[float]:
+        limiter = Limiter(10, rpm=600, clock=clock)
+        await acquire_many(limiter, 3)
+        clock.advance(3600)
+        return await admission_times(limiter, 1, 3)
+
+    times = run(main)
+    assert times[1] - times[0] == pytest.approx(spacing(600))
+    assert times[2] - times[1] == pytest.approx(spacing(600))
+
+
+def test_a_late_wake_catches_up_only_a_little(clock: VirtualClock) -> None:
+    """When the loop stalls for a second, the requests due meanwhile do not all go at once:
+    only the catch-up allowance's worth does."""
+
+    async def main() -> list[float]:
+        limiter = Limiter(100, rpm=6000, clock=clock)
+        await acquire_many(limiter, 1)
+        clock.advance(1.0)  # a stall: a hundred requests' worth of time passes unseen
+        return await admission_times(limiter, 20, 1)
+
+    times = run(main)
+    at_once = sum(1 for t in times if t == times[0])
+    assert at_once <= 1 + int(CATCH_UP / spacing(6000))
+    assert at_once < 6000 / 60 * 0.05  # within the 5% headroom of a one-second window
 
 
 def test_tpm_charges_each_requests_tokens(clock: VirtualClock) -> None:
-    """At 6,000 tpm (100 a second, burst 50) two 25-token requests pass, the third waits 0.25 s;
-    a request with no token count is not charged."""
+    """At 6,000 tpm a 25-token request takes a quarter of a second of budget; a request with no
+    token count is not charged."""
 
     async def main() -> list[float]:
         limiter = Limiter(10, tpm=6000, clock=clock)
@@ -263,11 +287,12 @@ def test_tpm_charges_each_requests_tokens(clock: VirtualClock) -> None:
             times.append(clock.now - start)
         return times
 
-    assert run(main) == pytest.approx([0.0, 0.0, 0.0, 0.25])
+    quarter = 25 * spacing(6000)
+    assert run(main) == pytest.approx([0.0, quarter, quarter, 2 * quarter])
 
 
 def test_tpm_oversize_request_is_admitted_and_delays_the_next(clock: VirtualClock) -> None:
-    """A request above the token burst does not wait forever; its cost delays what follows."""
+    """A request of five seconds' worth of tokens goes at once; the next waits those seconds."""
 
     async def main() -> list[float]:
         limiter = Limiter(10, tpm=6000, clock=clock)
@@ -279,7 +304,171 @@ def test_tpm_oversize_request_is_admitted_and_delays_the_next(clock: VirtualCloc
         limiter.release()
         return [first, clock.now - start]
 
-    assert run(main) == pytest.approx([0.0, 4.6])
+    assert run(main) == pytest.approx([0.0, 500 * spacing(6000)])
+
+
+# --------------------------------------------------------------------------------------------
+# One budget for several processes
+# --------------------------------------------------------------------------------------------
+class _IdleSkippingSelector(selectors.DefaultSelector):
+    """Waits no real time: a wait for I/O or a timer moves the virtual clock instead."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def select(self, timeout: float | None = None) -> list:  # type: ignore[override]
+        ready = super().select(0)
+        if not ready and timeout:
+            self.clock.advance(timeout)
+        return ready
+
+
+def run_in_virtual_time(clock: VirtualClock, make: Callable[[], Awaitable[T]]) -> T:
+    """Run on a loop whose time is ``clock`` and that skips idle time, so tasks sleeping at once
+    wake in the order of their deadlines, as on a real clock."""
+    loop = asyncio.SelectorEventLoop(_IdleSkippingSelector(clock))
+    loop.time = clock  # type: ignore[method-assign]
+    try:
+        return loop.run_until_complete(make())
+    finally:
+        loop.close()
+
+
+def test_limiters_sharing_a_home_share_one_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two limiters (two processes) told the same 600 rpm over one home together stay under
+    10 a second, and together use the whole budget."""
+    clock = VirtualClock()
+
+    async def main() -> list[float]:
+        home = InProcessState(clock)
+        a = Limiter(32, rpm=600, clock=clock, shared=home, scope="s")
+        b = Limiter(32, rpm=600, clock=clock, shared=home, scope="s")
+        both = await asyncio.gather(admission_times(a, 32, 5), admission_times(b, 32, 5))
+        return sorted(both[0] + both[1])
+
+    times = run_in_virtual_time(clock, main)
+    assert busiest_second(times) <= 10
+    assert times[-1] - times[0] == pytest.approx(319 * spacing(600), rel=0.02)
+
+
+def test_a_429_in_one_process_pauses_the_others(clock: VirtualClock) -> None:
+    """A 429 seen by one limiter holds back another that shares its home, limit known or not."""
+
+    async def main() -> list[float]:
+        home = InProcessState(clock)
+        hit = Limiter(8, clock=clock, shared=home, scope="s")
+        others = [
+            Limiter(8, clock=clock, shared=home, scope="s"),
+            Limiter(8, rpm=600, clock=clock, shared=home, scope="s"),
+        ]
+        hit.on_rate_limited(5.0)
+        await settle()  # the pause reaches the home
+        start = clock.now
+        waits = []
+        for limiter in others:
+            await acquire_many(limiter, 1)
+            waits.append(clock.now - start)
+        return waits
+
+    assert run(main) == pytest.approx([5.0, 5.0], abs=0.01)
+
+
+def test_a_broken_home_warns_once_and_goes_on_alone(clock: VirtualClock) -> None:
+    """With its Redis server gone, a limiter warns and keeps spacing requests by itself."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    async def main() -> list[float]:
+        home = RedisState(f"redis://127.0.0.1:{port}/0")
+        limiter = Limiter(10, rpm=600, clock=clock, shared=home, scope="s")
+        times = await admission_times(limiter, 1, 5)
+        await home.aclose()
+        return times
+
+    with pytest.warns(UserWarning, match=r"Redis server is up.*own rate budget") as caught:
+        times = run(main)
+    assert len(caught) == 1
+    assert times[-1] - times[0] == pytest.approx(4 * spacing(600))
+
+
+# --------------------------------------------------------------------------------------------
+# What answers teach: limits from headers, tokens from usage
+# --------------------------------------------------------------------------------------------
+def test_limits_are_learned_from_headers(clock: VirtualClock) -> None:
+    """With no limit configured, the x-ratelimit-limit-* headers set the spacing."""
+
+    async def main() -> list[float]:
+        limiter = Limiter(10, clock=clock)
+        limiter.observe(
+            {"X-RateLimit-Limit-Requests": "600", "X-RateLimit-Remaining-Requests": "599"}, 0, 0
+        )
+        return await admission_times(limiter, 1, 3)
+
+    times = run(main)
+    assert times[2] - times[0] == pytest.approx(2 * spacing(600))
+
+
+def test_a_configured_limit_wins_over_headers(clock: VirtualClock) -> None:
+    """A configured rpm is kept even when the headers name another limit."""
+    limiter = Limiter(10, rpm=60, clock=clock)
+    limiter.observe({"x-ratelimit-limit-requests": "6000", "x-ratelimit-limit-tokens": "9"}, 0, 0)
+    assert (limiter.rpm, limiter.tpm) == (60, 9)
+
+
+def test_a_spent_budget_in_the_headers_pauses_until_it_refills(clock: VirtualClock) -> None:
+    """remaining 0 with a reset of 400 ms holds new requests for 400 ms; a long reset is cut
+    to about one request's refill."""
+    limiter = Limiter(10, clock=clock)
+    limiter.observe(
+        {
+            "x-ratelimit-limit-requests": "3000",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "400ms",
+        },
+        0,
+        0,
+    )
+    assert limiter.cooldown_remaining() == pytest.approx(0.4)
+    clock.advance(1.0)
+    limiter.observe(
+        {
+            "x-ratelimit-limit-requests": "3000",
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "6m0s",
+        },
+        0,
+        0,
+    )
+    assert limiter.cooldown_remaining() == pytest.approx(1.0)
+
+
+def test_token_estimate_is_calibrated_from_usage(clock: VirtualClock) -> None:
+    """Four characters a token until answers say otherwise; then the endpoint's own ratio."""
+    limiter = Limiter(10, clock=clock)
+    assert limiter.tokens_for(400) == 101
+    limiter.observe({}, 100, 10)  # too little seen to trust
+    assert limiter.tokens_for(400) == 101
+    for _ in range(30):
+        limiter.observe({}, 1000, 500)  # code or non-English text: two characters a token
+    assert limiter.tokens_for(400) == pytest.approx(200, abs=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("120ms", 0.12), ("1s", 1.0), ("1.5s", 1.5), ("6m0s", 360.0), ("1h2m3s", 3723.0), ("7", 7.0)],
+)
+def test_reset_durations_are_read_as_openai_writes_them(text: str, seconds: float) -> None:
+    """Reset headers in OpenAI's forms, and bare seconds, become seconds."""
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_unreadable_reset_durations_are_ignored() -> None:
+    """A reset header that is not a duration is read as none."""
+    assert [parse_duration(t) for t in ("soon", "5x", "", None)] == [None, None, None, None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,14 +606,14 @@ def test_configure_less_concurrency_holds_new_requests(clock: VirtualClock) -> N
 
 
 def test_configure_sets_and_removes_rate_budgets(clock: VirtualClock) -> None:
-    """An rpm given later throttles from then on; rpm=None removes the throttle again."""
+    """An rpm given later spaces requests from then on; rpm=None removes the spacing again."""
 
     async def main() -> list[float]:
         limiter = Limiter(10, clock=clock)
         start = clock.now
         await acquire_many(limiter, 100)
         unlimited = clock.now - start
-        limiter.configure(10, 60, None)  # one a second, burst of one
+        limiter.configure(10, 60, None)
         start = clock.now
         await acquire_many(limiter, 4)
         limited = clock.now - start
@@ -433,7 +622,7 @@ def test_configure_sets_and_removes_rate_budgets(clock: VirtualClock) -> None:
         await acquire_many(limiter, 100)
         return [unlimited, limited, clock.now - start]
 
-    assert run(main) == pytest.approx([0.0, 3.0, 0.0])
+    assert run(main) == pytest.approx([0.0, 3 * spacing(60), 0.0])
 
 
 def test_configure_changes_the_token_budget(clock: VirtualClock) -> None:
@@ -441,21 +630,21 @@ def test_configure_changes_the_token_budget(clock: VirtualClock) -> None:
 
     async def main() -> float:
         limiter = Limiter(10, clock=clock)
-        limiter.configure(10, None, 6000)  # 100 tokens a second, burst 50
+        limiter.configure(10, None, 6000)
         start = clock.now
         await acquire_many(limiter, 3, tokens=50)
         return clock.now - start
 
-    assert run(main) == pytest.approx(1.0)
+    assert run(main) == pytest.approx(100 * spacing(6000))
 
 
 def test_reapplying_the_same_settings_keeps_the_budget_and_the_cut(clock: VirtualClock) -> None:
-    """Each batch re-applies its settings; the same values neither refill the rpm burst nor undo
-    a 429 cut or cooldown."""
+    """Each batch re-applies its settings; the same values neither give back budget already
+    taken nor undo a 429 cut or cooldown."""
 
     async def main() -> float:
         limiter = Limiter(8, rpm=60, clock=clock)
-        await acquire_many(limiter, 1)  # the burst of one is spent
+        await acquire_many(limiter, 1)
         limiter.on_rate_limited(0.5)
         limiter.configure(8, 60, None)
         assert limiter.limit == 4
@@ -464,7 +653,7 @@ def test_reapplying_the_same_settings_keeps_the_budget_and_the_cut(clock: Virtua
         await acquire_many(limiter, 1)
         return clock.now - start
 
-    assert run(main) == pytest.approx(1.0)  # the bucket's refill, not a fresh burst
+    assert run(main) == pytest.approx(spacing(60))  # the spacing, not a fresh start
 
 
 def test_spacing_after_a_429_fades_with_successes(clock: VirtualClock) -> None:
@@ -486,23 +675,20 @@ def test_spacing_after_a_429_fades_with_successes(clock: VirtualClock) -> None:
 
 
 def test_new_settings_keep_what_the_endpoint_taught(clock: VirtualClock) -> None:
-    """Another batch's settings neither undo a 429 cut nor refill a spent rate budget."""
+    """Another batch's settings neither undo a 429 cut nor give back budget already taken."""
 
     async def main() -> tuple[int, float]:
-        limiter = Limiter(8, rpm=600, clock=clock)  # 10 a second, 5 of burst
+        limiter = Limiter(8, rpm=600, clock=clock)
         limiter.on_rate_limited(0.0)
         assert limiter.limit == 4
         limiter.configure(16, 600, None)
         cut = limiter.limit
-        for _ in range(5):
-            await limiter.acquire()
-            limiter.release()
-        limiter.configure(16, 1200, None)  # the rate doubles; the spent burst stays spent
+        await acquire_many(limiter, 5)
+        limiter.configure(16, 1200, None)  # the rate doubles; the last request's slice stays
         start = clock.now
-        await limiter.acquire()
-        limiter.release()
+        await acquire_many(limiter, 1)
         return cut, clock.now - start
 
     cut, waited = run(main)
     assert cut == 4
-    assert waited == pytest.approx(1 / 20, rel=0.01)
+    assert waited == pytest.approx(spacing(600), rel=0.01)
