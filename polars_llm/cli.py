@@ -225,6 +225,7 @@ class _StepOptions:
     concurrency: int | None
     rpm: int | None
     tpm: int | None
+    shared_url: str | None
     timeout: float | None
     cache_dir: Path | None
     no_cache: bool
@@ -304,6 +305,13 @@ class _StepOptions:
     type=click.IntRange(min=1),
     metavar="N",
     help="Tokens per minute the client keeps under (default: unlimited). Example: --tpm 200000",
+)
+@click.option(
+    "--shared-url",
+    metavar="URL",
+    help="Redis server through which processes on several machines share one rate budget, "
+    "in-flight claims and answers (default: $POLARS_LLM_SHARED_URL; else the processes of one "
+    "machine share them beside the cache folder). Example: --shared-url redis://redis:6379/0",
 )
 @click.option(
     "--timeout",
@@ -491,6 +499,7 @@ def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
         concurrency=opts.concurrency,
         rpm=opts.rpm,
         tpm=opts.tpm,
+        shared_url=opts.shared_url,
         timeout=opts.timeout,
         cache_dir=opts.cache_dir,
         cache=False if opts.no_cache else None,

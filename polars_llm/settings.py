@@ -119,6 +119,10 @@ class Settings:
             raise ConfigError(f"on_error must be 'raise' or 'null', got {self.on_error!r}")
         if self.base_url is not None:
             _check_url(self.base_url)
+        if self.shared_url is not None:
+            from .shared import check_shared_url
+
+            check_shared_url(self.shared_url)
         if self.transport not in ("aiohttp", "openai"):
             raise ConfigError(f"transport must be 'aiohttp' or 'openai', got {self.transport!r}")
 

@@ -6,6 +6,10 @@ top of the rate is refused there, so these tests use ``FakeServer(per_second=Tru
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import polars as pl
 
 import polars_llm
@@ -22,3 +26,32 @@ def test_limit_known_draws_fewer_than_one_percent_429s_per_second_window() -> No
     assert out["a"].to_list() == [f"echo: Say q{i}" for i in range(600)]
     assert counts.get(200) == 600  # six times the server's window: the limit was in play
     assert counts.get(429, 0) < 6
+
+
+def test_a_shared_url_that_is_not_redis_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """`--shared-url http://...` exits 2 with one line naming the expected form; no output."""
+    source = tmp_path / "in.parquet"
+    pl.DataFrame({"q": ["a"]}).write_parquet(source)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "polars_llm.cli",
+            "enrich",
+            str(source),
+            str(tmp_path / "out.parquet"),
+            "--step",
+            "a={q}",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--shared-url",
+            "http://localhost:6379",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "redis://host:6379/0" in lines[0]
+    assert not (tmp_path / "out.parquet").exists()
