@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlparse
@@ -458,6 +459,71 @@ def _redacted(url: str) -> str:
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
+
+
+# --------------------------------------------------------------------------------------------
+# Claims around one paid call
+# --------------------------------------------------------------------------------------------
+# Seconds a claim lasts unless renewed: the longest a process killed mid-request holds others
+# back (on one machine, its claims are free at once). Held claims are renewed every CLAIM_RENEW.
+CLAIM_TTL = 20.0
+CLAIM_RENEW = 5.0
+# Waiting for another process's answer: first look after POLL_FIRST seconds, then less and less
+# often, up to every POLL_MAX seconds.
+POLL_FIRST = 0.1
+POLL_MAX = 2.0
+
+
+async def claim_or_find(
+    home: SharedState, key: str, find: Callable[[], Awaitable[T | None]]
+) -> T | None:
+    """Claim ``key`` for this process, or wait for the answer of the process that holds it.
+
+    Returns what ``find()`` finds once the holder's answer appears, or None when this process
+    holds the claim and must send the request itself (nobody held it, or the holder gave up,
+    died or let its claim expire).
+    """
+    delay = POLL_FIRST
+    while not await home.claim(key, CLAIM_TTL):
+        await asyncio.sleep(delay)
+        found = await find()
+        if found is not None:
+            return found
+        delay = min(POLL_MAX, delay * 1.5)
+    return None
+
+
+class Lease:
+    """Keeps a claim alive while its request runs: ``async with Lease(home, key) as lease``.
+
+    Set ``lease.answered`` once the answer is stored where others look: the claim is then left to
+    expire, so a process polling for it finds the answer rather than a free claim it would pay
+    for again. Otherwise (failure, cancellation) the claim is released for others to take over.
+    """
+
+    def __init__(self, home: SharedState, key: str) -> None:
+        self.home = home
+        self.key = key
+        self.answered = False
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Lease:
+        self._renewer = asyncio.ensure_future(self._renew())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+        if not self.answered:
+            # Shielded: a cancelled request must still free its claim, or others wait it out.
+            with contextlib.suppress(SharedStateError):  # then it expires by itself
+                await asyncio.shield(self.home.release(self.key))
+
+    async def _renew(self) -> None:
+        with contextlib.suppress(SharedStateError):  # the claim then expires; others take over
+            while True:
+                await asyncio.sleep(CLAIM_RENEW)
+                await self.home.claim(self.key, CLAIM_TTL)
 
 
 # --------------------------------------------------------------------------------------------

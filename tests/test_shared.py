@@ -7,6 +7,7 @@ atomicity tests run real interpreters side by side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -20,14 +21,17 @@ from typing import TypeVar
 
 import pytest
 
+from polars_llm import shared as shared_module
 from polars_llm.errors import ConfigError
 from polars_llm.settings import Settings
 from polars_llm.shared import (
     InProcessState,
+    Lease,
     RedisState,
     SharedState,
     SharedStateError,
     SqliteState,
+    claim_or_find,
     open_shared,
     scope_for,
 )
@@ -353,3 +357,77 @@ def test_unwritable_sqlite_home_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(SharedStateError, match=r"cache folder is writable"):
         run(main)
+
+
+# --------------------------------------------------------------------------------------------
+# Claims around a paid call
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def quick_claims(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims that last 0.3 s unless renewed every 0.1 s, and polls every 0.05 s."""
+    monkeypatch.setattr(shared_module, "CLAIM_TTL", 0.3)
+    monkeypatch.setattr(shared_module, "CLAIM_RENEW", 0.1)
+    monkeypatch.setattr(shared_module, "POLL_FIRST", 0.05)
+    monkeypatch.setattr(shared_module, "POLL_MAX", 0.05)
+
+
+@pytest.mark.usefixtures("quick_claims")
+def test_a_waiter_gets_the_holders_answer(make_home: Callable[[], SharedState]) -> None:
+    """A process finding a prompt claimed waits, past the claim's lease, for the holder's
+    answer instead of paying for it."""
+
+    async def main() -> tuple[str | None, int]:
+        a, b = make_home(), make_home()
+        answers: dict[str, str] = {}
+        looks = 0
+
+        async def find() -> str | None:
+            nonlocal looks
+            looks += 1
+            return answers.get("k")
+
+        async def holder() -> None:
+            assert await claim_or_find(a, "k", find) is None
+            async with Lease(a, "k") as lease:
+                await asyncio.sleep(1.0)  # longer than the lease: renewals keep it
+                answers["k"] = "the answer"
+                lease.answered = True
+
+        task = asyncio.ensure_future(holder())
+        await asyncio.sleep(0.1)
+        found = await claim_or_find(b, "k", find)
+        await task
+        await closing(a, b)
+        return found, looks
+
+    found, looks = run(main)
+    assert found == "the answer"
+    assert looks > 5  # it kept looking while the holder worked
+
+
+@pytest.mark.usefixtures("quick_claims")
+def test_a_failed_holder_hands_the_prompt_over(make_home: Callable[[], SharedState]) -> None:
+    """When the holder's request fails, a waiting process takes the claim over and sends."""
+
+    async def main() -> str | None:
+        a, b = make_home(), make_home()
+
+        async def find() -> str | None:
+            return None
+
+        async def holder() -> None:
+            await claim_or_find(a, "k", find)
+            with contextlib.suppress(RuntimeError):
+                async with Lease(a, "k"):
+                    await asyncio.sleep(0.3)
+                    raise RuntimeError("the endpoint refused")
+
+        task = asyncio.ensure_future(holder())
+        await asyncio.sleep(0.1)
+        outcome = await claim_or_find(b, "k", find)
+        await task
+        taken = not await a.claim("k", 60.0)
+        await closing(a, b)
+        return outcome if taken else "a still held it"
+
+    assert run(main) is None
