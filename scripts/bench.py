@@ -23,6 +23,10 @@ Scenarios:
    against one ``with_columns`` per step; the same frame either way.
 7. ``polars-llm enrich`` on Parquet files of growing size: peak RSS of the CLI process against the
    size of the frames in memory (bounded memory means RSS barely grows with the file).
+8. four processes at once against a server enforcing R requests/min per one-second window:
+   polars-llm with default settings and one cache folder (the limit is learned from the server's
+   headers, the budget shared beside the cache) against the reference in four processes: share
+   of the limit used, share of 429s.
 
 polars-llm's first batch against an endpoint sends one request alone before the others (a probe, so
 a wrong key costs one call). Runs marked *cold* start on a fresh endpoint, as a one-off script
@@ -82,6 +86,8 @@ FULL = {
     "s5_rpm": 3_000,
     "s6_n": 800,
     "s7_rows": [200_000, 2_000_000],
+    "s8_n": 3_000,
+    "s8_rpm": 3_000,
 }
 QUICK = {
     "s1_n": 320,
@@ -96,6 +102,8 @@ QUICK = {
     "s5_rpm": 3_000,
     "s6_n": 160,
     "s7_rows": [200_000, 600_000],
+    "s8_n": 600,
+    "s8_rpm": 3_000,
 }
 
 
@@ -434,6 +442,131 @@ def scenario_5(sizes: dict[str, Any]) -> dict[str, Any]:
         data["share_429"] = data["status_counts"].get("429", 0) / max(1, data["calls"])
         result[key] = data
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenario 8: four processes, one key, a per-second-window limit
+# ------------------------------------------------------------------------------------------------
+S8_PROCESSES = 4
+S8_CONCURRENCY = 32  # per process: polars-llm's default, and the reference's semaphore
+
+
+def s8_worker(argv: list[str]) -> int:
+    """One of scenario 8's processes: waits for "go" on stdin, runs, prints its times as JSON."""
+    kind, base_url, cache_dir, tag, n = argv
+    questions = _questions(tag, int(n))
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.time()
+    if kind == "polars-llm":
+        # Default settings: no rpm given, one cache folder shared by the four processes.
+        settings = polars_llm.Settings(
+            base_url=base_url, api_key=API_KEY, model=MODEL, cache_dir=cache_dir, progress=False
+        )
+        _complete(pl.DataFrame({"q": questions}), settings)
+    else:
+        prompts = [TEMPLATE.format(q=q) for q in questions]
+        answers, _, _ = asyncio.run(reference_complete(base_url, prompts, S8_CONCURRENCY))
+        if any(a != "echo: " + p for a, p in zip(answers, prompts, strict=True)):
+            raise AssertionError("the reference gave wrong answers")
+    print(json.dumps({"start": start, "end": time.time()}), flush=True)
+    return 0
+
+
+def run_processes(kind: str, n: int, rpm: int) -> dict[str, Any]:
+    """``kind`` in four processes over n prompts in all, against one per-second-window server."""
+    with (
+        _server(rpm=rpm, per_second=True, latency=LATENCY, jitter=JITTER) as (server, _),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        share = n // S8_PROCESSES
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "s8-worker",
+                    kind,
+                    server.base_url,
+                    tmp,
+                    f"s8{kind}{i}",
+                    str(share),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(S8_PROCESSES)
+        ]
+        for worker in workers:  # every interpreter has imported everything: start together
+            assert worker.stdout is not None
+            if worker.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"an s8 worker ({kind}) did not start")
+        load = _load()
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write("go\n")
+            worker.stdin.flush()
+        times = []
+        for worker in workers:
+            out, _ = worker.communicate(timeout=3600)
+            if worker.returncode != 0:
+                raise RuntimeError(f"an s8 worker ({kind}) failed")
+            times.append(json.loads(out.strip().splitlines()[-1]))
+        stats = server.stats()
+    wall = max(t["end"] for t in times) - min(t["start"] for t in times)
+    calls = stats.calls
+    data = {
+        "client": kind,
+        "processes": S8_PROCESSES,
+        "n": share * S8_PROCESSES,
+        "wall_s": wall,
+        "calls": calls,
+        "status_counts": {str(k): v for k, v in stats.status_counts.items()},
+        "share_of_limit": share * S8_PROCESSES / wall / (rpm / 60.0),
+        "share_429": stats.status_counts.get(429, 0) / max(1, calls),
+        "load_before": load,
+    }
+    _log(
+        f"  {kind:<12} x{S8_PROCESSES} n={data['n']} wall={wall:7.2f}s "
+        f"of limit={data['share_of_limit']:.1%} calls={calls} 429s={data['share_429']:.2%} "
+        f"load={load:.1f}"
+    )
+    return data
+
+
+def scenario_8(sizes: dict[str, Any]) -> dict[str, Any]:
+    n, rpm = sizes["s8_n"], sizes["s8_rpm"]
+    _log(f"S8 {S8_PROCESSES} processes, server limit {rpm}/min per one-second window: N={n}")
+    return {
+        "n": n,
+        "rpm": rpm,
+        "processes": S8_PROCESSES,
+        "concurrency_per_process": S8_CONCURRENCY,
+        "polars_llm": run_processes("polars-llm", n, rpm),
+        "reference": run_processes("reference", n, rpm),
+    }
+
+
+def s8_table(s8: dict[str, Any]) -> str:
+    rows = [
+        [
+            r["client"],
+            f"{r['share_of_limit']:.1%}",
+            str(r["calls"]),
+            str(int(r["status_counts"].get("429", 0))),
+            f"{r['share_429']:.2%}",
+            _f(r["wall_s"], 1),
+        ]
+        for r in (s8["polars_llm"], s8["reference"])
+    ]
+    return (
+        f"S8: {s8['processes']} processes at once, one key, server limit {s8['rpm']:,} requests/min "
+        f"enforced per one-second window, latency {LATENCY * 1000:.0f} ms, N = {s8['n']:,} in all, "
+        f"C = {s8['concurrency_per_process']} per process; polars-llm with default settings and "
+        "one cache folder\n\n"
+        + _table(["client", "of limit", "calls", "429s", "429 share", "wall s"], rows)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -800,6 +933,8 @@ def tables(results: dict[str, Any]) -> str:
                 rows,
             )
         )
+    if s8 := results.get("s8"):
+        parts.append(s8_table(s8))
     if results.get("goals"):
         rows = [[g["goal"], "met" if g["met"] else "MISSED", g["figure"]] for g in results["goals"]]
         caveat = (
@@ -878,11 +1013,14 @@ def environment() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["s8-worker"]:
+        return s8_worker(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes, under two minutes")
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "throughput.png")
-    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7", help="comma-separated, e.g. 1,3")
+    parser.add_argument("--scenarios", default="1,2,3,4,5,6,7,8", help="comma-separated, e.g. 1,3")
     args = parser.parse_args(argv)
     wanted = {int(s) for s in args.scenarios.split(",") if s.strip()}
     sizes = QUICK if args.quick else FULL
@@ -901,6 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
         (5, "s5", lambda: scenario_5(sizes)),
         (6, "s6", lambda: scenario_6(sizes)),
         (7, "s7", lambda: scenario_7(sizes)),
+        (8, "s8", lambda: scenario_8(sizes)),
     ]
     for number, key, step in steps:
         if number in wanted:
