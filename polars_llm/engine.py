@@ -47,7 +47,7 @@ from .limiter import Limiter
 from .outputs import PostProcess, TextPost
 from .request import RequestTemplate
 from .settings import Endpoint, Settings
-from .transport import Completion, Embeddings, OpenAITransport, Transport
+from .transport import Completion, Embeddings, Transport, make_transport
 
 # The embedded model's server decodes one request at a time; more in flight only queue there.
 LOCAL_CONCURRENCY = 2
@@ -120,7 +120,7 @@ class EngineLoop:
         )
         self._thread.start()
         # Owned by the loop thread only.
-        self.transports: dict[tuple[str, str, float], Transport] = {}
+        self.transports: dict[tuple[str, str, str, float, int], Transport] = {}
         # Per endpoint and model: providers set their limits per model.
         self.limiters: dict[tuple[str, str], Limiter] = {}
         self.inflight: dict[str, asyncio.Future[Outcome]] = {}
@@ -150,13 +150,17 @@ class EngineLoop:
             future.cancel()  # Ctrl-C, or a failing progress callback: stop sending
             raise
 
-    def transport(self, endpoint: Endpoint, base_url: str, timeout: float) -> Transport:
-        key = (base_url, endpoint.api_key, timeout)
+    def transport(self, endpoint: Endpoint, base_url: str, settings: Settings) -> Transport:
+        key = (
+            settings.transport,
+            base_url,
+            endpoint.api_key,
+            settings.timeout,
+            settings.concurrency,
+        )
         transport = self.transports.get(key)
         if transport is None:
-            transport = self.transports[key] = OpenAITransport(
-                base_url, endpoint.api_key, timeout, max_connections=1024
-            )
+            transport = self.transports[key] = make_transport(*key)
         return transport
 
     def probe_lock(self, ident: tuple[str, str, str]) -> asyncio.Lock:
@@ -303,7 +307,7 @@ class Batch:
         """Attach this batch to the loop's transport and limiter (on the engine loop)."""
         if self._transport is None:
             loop = engine_loop()
-            self._transport = loop.transport(self.endpoint, self.base_url, self.settings.timeout)
+            self._transport = loop.transport(self.endpoint, self.base_url, self.settings)
             self._limiter = loop.limiter(
                 self.base_url, self.model, self.settings, self.endpoint.local
             )

@@ -52,7 +52,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,10 @@ class FakeServer:
     ``api_key`` and ``models``, when given, are the only key and models accepted.
     ``quota_exhausted`` answers every request 429 ``insufficient_quota``, as OpenAI does for an
     account out of credit.
+    ``broken_answers`` maps a prompt (the last user message, or an embeddings call's first
+    input) to how its answer goes wrong: ``"drip"`` (the body comes one byte a second),
+    ``"endless"`` (a body that never ends), ``"invalid-utf8"`` (raw bytes that are not UTF-8)
+    or ``"bad-usage"`` (a ``usage`` field whose counts are not numbers).
     ``reply(body)`` returns the chat reply text, instead of the default echo or
     schema-valid JSON; it runs on the server's event loop, so it should be quick.
     Requests run concurrently on that loop; ``stats()``, ``reset_stats()`` and
@@ -161,6 +165,7 @@ class FakeServer:
         api_key: str | None = None,
         models: Iterable[str] | None = None,
         quota_exhausted: bool = False,
+        broken_answers: Mapping[str, str] | None = None,
         embedding_dim: int = 8,
         batch_seconds: float = 1.0,
         batch_error_rate: float = 0.0,
@@ -201,6 +206,10 @@ class FakeServer:
         self.api_key = api_key
         self.models = list(models) if models is not None else None
         self.quota_exhausted = quota_exhausted
+        self.broken_answers = dict(broken_answers or {})
+        for kind in self.broken_answers.values():
+            if kind not in BROKEN_ANSWERS:
+                raise ValueError(f"broken_answers: {kind!r} is none of {', '.join(BROKEN_ANSWERS)}")
         self.embedding_dim = embedding_dim
         self.seed = seed
         self.host = host
@@ -425,7 +434,7 @@ class FakeServer:
         fault_draw: float,
         kind_draw: float,
         jitter_draw: float,
-    ) -> web.Response | None:
+    ) -> web.StreamResponse | None:
         """The response for one request, or None when its connection was reset."""
         try:
             body = await request.json()
@@ -503,8 +512,13 @@ class FakeServer:
             return None
 
         if chat:
-            return self._chat_response(body, model, prompt, prompt_tokens, max_tokens, headers)
-        return self._embeddings_response(body, model, texts, prompt_tokens, headers)
+            response = self._chat_response(body, model, prompt, prompt_tokens, max_tokens, headers)
+        else:
+            response = self._embeddings_response(body, model, texts, prompt_tokens, headers)
+        broken = self.broken_answers.get(texts[0]) if self.broken_answers else None
+        if broken is not None and response.status == 200:
+            return await _broken_answer(request, response, broken)
+        return response
 
     def _check_key(self, request: web.Request) -> web.Response | None:
         if self.api_key is None:
@@ -762,6 +776,45 @@ def _error(
 ) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
+
+
+# The ways FakeServer(broken_answers=...) can spoil an answer.
+BROKEN_ANSWERS = ("drip", "endless", "invalid-utf8", "bad-usage")
+_DRIP_SECONDS = 1.0
+
+
+async def _broken_answer(
+    request: web.Request, response: web.Response, kind: str
+) -> web.StreamResponse:
+    """``response`` spoiled the way ``kind`` says (see ``BROKEN_ANSWERS``)."""
+    body = response.body
+    assert isinstance(body, bytes)
+    if kind == "bad-usage":
+        payload = json.loads(body)
+        payload["usage"] = {"prompt_tokens": "many", "completion_tokens": [1], "total_tokens": {}}
+        response.body = json.dumps(payload).encode()
+        return response
+    if kind == "invalid-utf8":
+        # Inside the first string of the document, as a broken encoder would write it.
+        response.body = body[:2] + b"\xff\xfe" + body[2:]
+        return response
+    stream = web.StreamResponse(headers={"Content-Type": "application/json"})
+    if kind == "drip":
+        stream.content_length = len(body)
+        await stream.prepare(request)
+        for i in range(len(body)):
+            await stream.write(body[i : i + 1])
+            await asyncio.sleep(_DRIP_SECONDS)
+        await stream.write_eof()
+        return stream
+    # "endless": a valid start of a document, then whitespace for ever (until the client leaves).
+    stream.enable_chunked_encoding()
+    await stream.prepare(request)
+    await stream.write(b'{"choices": [')
+    filler = b" " * 65536
+    while True:
+        await stream.write(filler)
+        await asyncio.sleep(0)  # write() need not yield; let the server's other requests run
 
 
 def _reset_connection(request: web.Request) -> None:

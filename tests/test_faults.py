@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import polars as pl
 import pytest
@@ -14,7 +15,10 @@ import polars_llm
 from polars_llm.errors import TooManyFailures
 from polars_llm.settings import Settings
 from polars_llm.testing import FakeServer
-from polars_llm.transport import OpenAITransport
+from polars_llm.transport import AiohttpTransport, OpenAITransport
+
+# Faults that the transport sees, run through each of them.
+TRANSPORTS = pytest.mark.parametrize("transport", ["aiohttp", "openai"])
 
 
 def point(server: FakeServer, **changes: object) -> Settings:
@@ -59,10 +63,11 @@ def test_client_told_the_tpm_stays_under_the_servers_token_limit() -> None:
     assert stats.status_counts.get(429, 0) < 2
 
 
-def test_retry_after_is_honoured() -> None:
+@TRANSPORTS
+def test_retry_after_is_honoured(transport: str) -> None:
     """After a 429 with retry-after-ms the next attempt waits that long and then succeeds."""
     with FakeServer(rpm=30) as server:  # one request every 2 s, a bucket of one
-        point(server)
+        point(server, transport=transport)
         start = time.monotonic()
         frame(1, "first").with_columns(a=pl.col("q").llm.complete())  # takes the only token
         before = time.monotonic()
@@ -82,11 +87,13 @@ def test_retry_after_is_honoured() -> None:
 # --------------------------------------------------------------------------------------------
 # Transient faults
 # --------------------------------------------------------------------------------------------
-def test_5xx_and_hangs_every_row_gets_a_value_without_extra_calls() -> None:
+@TRANSPORTS
+def test_5xx_and_hangs_every_row_gets_a_value_without_extra_calls(transport: str) -> None:
     """With 10% 5xx and 2% hangs, 2,000 rows all get a value; calls = prompts + failed attempts."""
     rows = 2000
     with FakeServer(error_rate=0.1, hang_rate=0.02, seed=7) as server:
-        point(server, timeout=0.5)
+        # timeout bounds the whole request: 2 s leaves a loaded machine room to answer in time.
+        point(server, timeout=2.0, transport=transport)
         out = frame(rows).with_columns(a=pl.col("q").llm.complete("Say {q}"))
         stats = server.stats()
     assert out["a"].to_list() == [f"echo: Say q{i}" for i in range(rows)]
@@ -102,10 +109,11 @@ def test_5xx_and_hangs_every_row_gets_a_value_without_extra_calls() -> None:
     assert (stats.chat_calls - rows) / stats.chat_calls < 0.16
 
 
-def test_connection_resets_are_retried_to_success() -> None:
+@TRANSPORTS
+def test_connection_resets_are_retried_to_success(transport: str) -> None:
     """Connections reset by the server are retried until every row has its value."""
     with FakeServer(reset_rate=0.2, seed=3) as server:
-        point(server)
+        point(server, transport=transport)
         out = frame(300).with_columns(a=pl.col("q").llm.complete("Say {q}"))
         counts = server.stats().status_counts
     assert out["a"].to_list() == [f"echo: Say q{i}" for i in range(300)]
@@ -116,10 +124,11 @@ def test_connection_resets_are_retried_to_success() -> None:
 # --------------------------------------------------------------------------------------------
 # Fatal errors stop the batch
 # --------------------------------------------------------------------------------------------
-def test_bad_key_aborts_after_a_handful_of_calls() -> None:
+@TRANSPORTS
+def test_bad_key_aborts_after_a_handful_of_calls(transport: str) -> None:
     """A wrong API key stops a 1,000-row job after at most 3 calls with a message about the key."""
     with FakeServer(api_key="right-key") as server:
-        point(server, api_key="wrong-key")
+        point(server, api_key="wrong-key", transport=transport)
         with pytest.raises(polars_llm.BatchAborted, match="API key"):
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
         assert server.stats().calls <= 3
@@ -134,10 +143,11 @@ def test_bad_key_aborts_even_with_on_error_null() -> None:
         assert server.stats().calls <= 3
 
 
-def test_unknown_model_aborts_after_a_handful_of_calls() -> None:
+@TRANSPORTS
+def test_unknown_model_aborts_after_a_handful_of_calls(transport: str) -> None:
     """An unknown model (404) stops a 1,000-row job after at most 3 calls, naming the model."""
     with FakeServer(models=["real-model"]) as server:
-        point(server)
+        point(server, transport=transport)
         with pytest.raises(polars_llm.BatchAborted, match="model") as info:
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}", model="no-such-model"))
         assert "no-such-model" in str(info.value)
@@ -265,15 +275,16 @@ def test_truncated_answer_is_a_value_by_default() -> None:
 
 @pytest.fixture
 def attempts(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Counts requests handed to our transport (a pass-through spy; the SDK runs unchanged)."""
+    """Counts requests handed to either transport (a pass-through spy; HTTP runs unchanged)."""
     count = [0]
-    real_chat = OpenAITransport.chat
+    for cls in (AiohttpTransport, OpenAITransport):
+        real_chat = cls.chat
 
-    async def counting_chat(self: OpenAITransport, body: dict) -> object:
-        count[0] += 1
-        return await real_chat(self, body)
+        async def counting_chat(self: object, body: dict, real_chat: Any = real_chat) -> object:
+            count[0] += 1
+            return await real_chat(self, body)
 
-    monkeypatch.setattr(OpenAITransport, "chat", counting_chat)
+        monkeypatch.setattr(cls, "chat", counting_chat)
     yield count
 
 
@@ -323,10 +334,15 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_endpoint_stops_after_bounded_attempts(attempts: list[int]) -> None:
+@TRANSPORTS
+def test_unreachable_endpoint_stops_after_bounded_attempts(
+    attempts: list[int], transport: str
+) -> None:
     """A closed port stops a 1,000-row job with a message about the endpoint, not row by row."""
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    settings = polars_llm.configure(base_url=url, api_key="k", backoff_base=0.01, max_attempts=4)
+    settings = polars_llm.configure(
+        base_url=url, api_key="k", backoff_base=0.01, max_attempts=4, transport=transport
+    )
     with pytest.raises(polars_llm.BatchAborted, match="check the endpoint URL") as info:
         frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
     assert url in str(info.value)
@@ -343,10 +359,11 @@ def test_too_many_failures_carries_the_counts() -> None:
     assert (info.value.failed, info.value.total) == (5, 10)
 
 
-def test_exhausted_quota_stops_the_batch() -> None:
+@TRANSPORTS
+def test_exhausted_quota_stops_the_batch(transport: str) -> None:
     """A 429 insufficient_quota is not retried: the batch stops with a message about credit."""
     with FakeServer(quota_exhausted=True) as server:
-        point(server)
+        point(server, transport=transport)
         with pytest.raises(polars_llm.BatchAborted, match="out of quota"):
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
         assert server.stats().calls <= 3
