@@ -54,8 +54,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -68,6 +70,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import openai
+import polars as pl
 
 from .cache import ResultCache, open_cache
 from .errors import (
@@ -81,15 +84,19 @@ from .errors import (
     ServerError,
     Truncated,
 )
+from .prompt import placeholders
 from .settings import Settings
 from .transport import map_error
 
 if TYPE_CHECKING:
     from .engine import Batch, Outcome
+    from .pipeline import PipelineStats, Step
 
 # OpenAI's limits are 50,000 lines and 200 MB per input file; stay clear of the byte limit.
 MAX_LINES = 50_000
 MAX_BYTES = 190 * 1024 * 1024
+# Batch API prices are half the synchronous ones.
+BATCH_DISCOUNT = 0.5
 # Rounds of resubmission for lines that failed for a passing reason (5xx, expiry, cancel).
 MAX_ROUNDS = 3
 # Seconds between two polls: from POLL_MIN, growing by POLL_GROWTH a poll, up to POLL_MAX.
@@ -379,6 +386,26 @@ def _line_failure(base_url: str, line: Mapping[str, Any]) -> tuple[RowError | No
     return BadRequest(f"{base_url} rejected the batch line ({status}: {detail})", status=status), ""
 
 
+def _accept(batch: Batch, entry: dict[str, Any]) -> RowError | None:
+    """The row error of a downloaded answer the engine would not accept, or None."""
+    if batch.kind == "chat":
+        text = entry.get("text")
+        if not text or not str(text).strip():
+            return EmptyCompletion(
+                f"the model returned no text (finish_reason={entry.get('finish')!r})", raw=text
+            )
+        if entry.get("finish") == "length" and batch.settings.truncated_is_error:
+            return Truncated(
+                "the answer was cut off at max_tokens; raise max_tokens or shorten the output",
+                raw=text,
+            )
+    try:
+        batch.spec.post.parse(entry["vector"] if batch.kind == "embed" else entry["text"])
+    except ContentError as e:
+        return e
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # A session: one run's use of the Batch API for an endpoint
 # --------------------------------------------------------------------------------------------
@@ -440,25 +467,7 @@ class BatchSession:
         else:
             bodies = {k: batch.template.body(t) for k, t in zip(keys, texts, strict=True)}
 
-        def accept(key: str, entry: dict[str, Any]) -> RowError | None:
-            if batch.kind == "chat":
-                text = entry.get("text")
-                if not text or not str(text).strip():
-                    return EmptyCompletion(
-                        f"the model returned no text (finish_reason={entry.get('finish')!r})",
-                        raw=text,
-                    )
-                if entry.get("finish") == "length" and batch.settings.truncated_is_error:
-                    return Truncated(
-                        "the answer was cut off at max_tokens; raise max_tokens", raw=text
-                    )
-            try:
-                batch.spec.post.parse(entry["vector"] if batch.kind == "embed" else entry["text"])
-            except ContentError as e:
-                return e
-            return None
-
-        self.send(bodies, path=path, accept=accept)
+        self.send(bodies, path=path, accept=lambda key, entry: _accept(batch, entry))
         found = self.cache.get_many(list(keys))
         outcomes: list[Outcome] = []
         for key, hit in zip(keys, found, strict=True):
@@ -890,71 +899,88 @@ def list_batches(cache_dir: Path) -> list[LedgerEntry]:
     return sorted(Ledger(cache_dir).read().values(), key=lambda e: e.submitted_at)
 
 
-def _endpoint(settings: Settings) -> tuple[str, str, Path]:
-    endpoint = settings.endpoint()
+def _managed(settings: Settings) -> tuple[Ledger, str | None, str]:
+    """The ledger of ``settings``' cache folder, the endpoint to keep to (None: every one the
+    ledger names) and the API key."""
     cache_dir = settings.cache_path()
-    if endpoint.local or cache_dir is None:
-        raise ConfigError("give the endpoint (--base-url, --api-key) and a cache folder")
-    return endpoint.base_url, endpoint.api_key, cache_dir
+    if cache_dir is None:
+        raise ConfigError("the batches are listed in the cache folder; give --cache-dir")
+    base_url = settings.base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = settings.api_key or os.environ.get("OPENAI_API_KEY") or "unused"
+    return Ledger(cache_dir), base_url.rstrip("/") if base_url else None, api_key
+
+
+def _running(entries: Iterable[LedgerEntry], base_url: str | None) -> list[LedgerEntry]:
+    return [
+        e
+        for e in entries
+        if e.batch_id
+        and not e.collected
+        and e.status not in ENDED
+        and (base_url is None or e.base_url == base_url)
+    ]
+
+
+def _each_endpoint(
+    entries: Sequence[LedgerEntry],
+    api_key: str,
+    call: Callable[[openai.AsyncOpenAI, str, str], Awaitable[Any]],
+) -> list[BatchStatus]:
+    """``call(client, base_url, batch_id)`` for each entry, on the engine loop."""
+    from .engine import engine_loop
+
+    async def run() -> list[BatchStatus]:
+        statuses: list[BatchStatus] = []
+        for base_url in sorted({e.base_url for e in entries}):
+            async with _client(base_url, api_key) as client:
+                for e in entries:
+                    if e.base_url == base_url:
+                        got = await _call(base_url, call(client, base_url, e.batch_id or ""))
+                        statuses.append(BatchStatus.of(got))
+        return statuses
+
+    return list(engine_loop().run(run())) if entries else []
+
+
+def _update(ledger: Ledger, statuses: Sequence[BatchStatus]) -> None:
+    by_id = {s.id: s for s in statuses}
+    with ledger.locked() as entries:
+        for entry in entries.values():
+            s = by_id.get(entry.batch_id or "")
+            if s is not None and not entry.collected:
+                entry.status, entry.completed, entry.failed = s.status, s.completed, s.failed
+                if s.errors:
+                    entry.error = "; ".join(s.errors)
 
 
 def refresh(settings: Settings) -> list[LedgerEntry]:
-    """The ledger's batches with the status of those still running asked of the server."""
-    from .engine import engine_loop
-
-    base_url, api_key, cache_dir = _endpoint(settings)
-    ledger = Ledger(cache_dir)
-    running = [
-        e.batch_id
-        for e in ledger.read().values()
-        if e.batch_id and e.base_url == base_url and not e.collected and e.status not in ENDED
-    ]
-    if running:
-        statuses = engine_loop().run(poll_batches(running, base_url=base_url, api_key=api_key))
-        by_id = {s.id: s for s in statuses}
-        with ledger.locked() as entries:
-            for entry in entries.values():
-                s = by_id.get(entry.batch_id or "")
-                if s is not None:
-                    entry.status, entry.completed, entry.failed = s.status, s.completed, s.failed
-    return list_batches(cache_dir)
+    """The ledger's batches, with the status of those still running asked of their endpoint."""
+    ledger, base_url, api_key = _managed(settings)
+    running = _running(ledger.read().values(), base_url)
+    _update(
+        ledger,
+        _each_endpoint(running, api_key, lambda c, _, i: c.batches.retrieve(i)),
+    )
+    return list_batches(ledger.folder.parent)
 
 
-def cancel(settings: Settings, batch_ids: Sequence[str] | None = None) -> list[str]:
-    """Cancel the given batches, or every running batch of the ledger; returns the ids."""
-    from .engine import engine_loop
-
-    base_url, api_key, cache_dir = _endpoint(settings)
-    ledger = Ledger(cache_dir)
-    entries = ledger.read()
-    known = {e.batch_id for e in entries.values() if e.batch_id}
+def cancel(settings: Settings, batch_ids: Sequence[str] = ()) -> list[str]:
+    """Cancel the given batches, or every running batch of the ledger; returns their ids."""
+    ledger, base_url, api_key = _managed(settings)
+    entries = ledger.read().values()
     if batch_ids:
-        unknown = [i for i in batch_ids if i not in known]
+        by_id = {e.batch_id: e for e in entries if e.batch_id}
+        unknown = [i for i in batch_ids if i not in by_id]
         if unknown:
             raise ConfigError(
-                f"no batch {', '.join(unknown)} in the ledger of {cache_dir}; "
+                f"no batch {', '.join(unknown)} in the ledger of {ledger.folder.parent}; "
                 "see `polars-llm batch list`"
             )
-        ids = list(batch_ids)
+        chosen = [by_id[i] for i in batch_ids]
     else:
-        ids = [
-            e.batch_id
-            for e in entries.values()
-            if e.batch_id and e.base_url == base_url and e.status not in ENDED and not e.collected
-        ]
-
-    async def cancel_all() -> list[BatchStatus]:
-        async with _client(base_url, api_key) as client:
-            return [BatchStatus.of(await _call(base_url, client.batches.cancel(i))) for i in ids]
-
-    statuses = engine_loop().run(cancel_all()) if ids else []
-    by_id = {s.id: s for s in statuses}
-    with ledger.locked() as current:
-        for entry in current.values():
-            s = by_id.get(entry.batch_id or "")
-            if s is not None:
-                entry.status = s.status
-    return ids
+        chosen = _running(entries, base_url)
+    _update(ledger, _each_endpoint(chosen, api_key, lambda c, _, i: c.batches.cancel(i)))
+    return [e.batch_id or "" for e in chosen]
 
 
 def submit(
@@ -988,3 +1014,222 @@ def collect(settings: Settings) -> int:
         return len(got.answered)
 
     return int(engine_loop().run(run())) if ids else 0
+
+
+# --------------------------------------------------------------------------------------------
+# Dependent steps: successive rounds, each step read from the cache
+# --------------------------------------------------------------------------------------------
+class BatchRun:
+    """One job's sessions, one per endpoint and cache folder, sharing how they wait."""
+
+    def __init__(
+        self,
+        *,
+        wait: bool = True,
+        on_progress: Callable[[BatchProgress], None] | None = None,
+        max_rounds: int = MAX_ROUNDS,
+        poll_min: float = POLL_MIN,
+        poll_max: float = POLL_MAX,
+    ) -> None:
+        self.options: dict[str, Any] = {
+            "wait": wait,
+            "on_progress": on_progress,
+            "max_rounds": max_rounds,
+            "poll_min": poll_min,
+            "poll_max": poll_max,
+        }
+        self.sessions: dict[tuple[str, str, str], BatchSession] = {}
+
+    def session(self, settings: Settings) -> BatchSession:
+        """The session for the endpoint and cache folder of ``settings``."""
+        endpoint = settings.endpoint()
+        ident = (endpoint.base_url, endpoint.api_key, str(settings.cache_path()))
+        found = self.sessions.get(ident)
+        if found is None:
+            found = self.sessions[ident] = BatchSession(settings, **self.options)
+        return found
+
+    @property
+    def lines_submitted(self) -> int:
+        return sum(s.lines_submitted for s in self.sessions.values())
+
+
+_run: contextvars.ContextVar[BatchRun | None] = contextvars.ContextVar(
+    "polars_llm_batch_run", default=None
+)
+
+
+@contextlib.contextmanager
+def active(run: BatchRun) -> Iterator[BatchRun]:
+    """Make ``run`` the one that batch-mode calls of this thread use (and whose errors they see)."""
+    token = _run.set(run)
+    try:
+        yield run
+    finally:
+        _run.reset(token)
+
+
+def current_run() -> BatchRun:
+    """The active run if there is one, else a new one that waits."""
+    run = _run.get()
+    return run if run is not None else BatchRun()
+
+
+def session_for(settings: Settings) -> BatchSession:
+    """The session of the active run (or of a new run that waits) for ``settings``."""
+    return current_run().session(settings)
+
+
+Misses = dict[tuple["BatchSession", str], dict[str, tuple["Batch", dict[str, Any]]]]
+
+
+@dataclass
+class Evaluation:
+    """One pass of steps over a frame, from the cache and the run's known errors only."""
+
+    results: list[list[Any]]
+    errors: list[str | None]
+    # Per session and endpoint path, the requests still to send: key -> (engine batch, body).
+    misses: Misses
+    cached: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def evaluate(
+    df: pl.DataFrame, steps: Sequence[Step], settings: Settings, run: BatchRun
+) -> Evaluation:
+    """Run ``steps`` over ``df`` step by step from the cache: no call is made.
+
+    A row stops at its first step whose answer is neither cached nor a known error; that
+    request is returned among the misses, for the next batch round.
+    """
+    from .engine import Batch
+    from .pipeline import _as_text, _Template
+
+    batches = [Batch(step.spec(settings)) for step in steps]
+    inputs = sorted({n for s in steps for n in placeholders(s.template)} & set(df.columns))
+    strings = {c: df.get_column(c).cast(pl.String).to_list() for c in inputs}
+    values: list[dict[str, str | None]] = [
+        {c: strings[c][i] for c in inputs} for i in range(df.height)
+    ]
+    ev = Evaluation([[None] * df.height for _ in steps], [None] * df.height, {})
+    alive = list(range(df.height))
+    for k, (step, batch) in enumerate(zip(steps, batches, strict=True)):
+        session = run.session(batch.settings.replace(model=batch.model))
+        template = _Template(step.template)
+        texts: dict[int, str] = {}
+        for i in alive:
+            text = template.render(values[i])
+            if text is None:
+                values[i][step.name] = None
+            else:
+                texts[i] = text
+        unique = list(dict.fromkeys(texts.values()))
+        keys, found = batch.lookup(unique)
+        by_text = dict(zip(unique, zip(keys, found, strict=True), strict=True))
+        for o in found:
+            if o is not None:
+                ev.cached += 1
+                ev.prompt_tokens += o.prompt_tokens
+                ev.completion_tokens += o.completion_tokens
+        still: list[int] = []
+        for i in alive:
+            if i not in texts:
+                still.append(i)
+                continue
+            key, outcome = by_text[texts[i]]
+            if outcome is not None:
+                ev.results[k][i] = outcome.value
+                values[i][step.name] = _as_text(outcome.value)
+                still.append(i)
+                continue
+            error = session.errors.get(key)
+            if error is not None:
+                ev.errors[i] = f"{step.name}: {error.reason}: {error.message}"
+                ev.failed_by_reason[error.reason] = ev.failed_by_reason.get(error.reason, 0) + 1
+                continue
+            where = (session, PATHS[batch.kind])
+            ev.misses.setdefault(where, {})[key] = (batch, batch.template.body(texts[i]))
+        alive = still
+    return ev
+
+
+def run_in_rounds(
+    frames: Callable[[], Iterable[pl.DataFrame]],
+    steps: Sequence[Step],
+    settings: Settings,
+    run: BatchRun,
+) -> None:
+    """Send every step's misses over all ``frames`` as batch rounds until none is left.
+
+    Each round evaluates the frames from the cache; rows whose next step is not cached send it
+    in this round's batches, so step b goes out once step a's answers are in. ``frames`` is
+    called once per round (a Parquet file is read again rather than held in memory).
+    """
+    previous: set[str] | None = None
+    while True:
+        misses: Misses = {}
+        for df in frames():
+            for where, found in evaluate(df, steps, settings, run).misses.items():
+                misses.setdefault(where, {}).update(found)
+        keys = {k for found in misses.values() for k in found}
+        if not keys:
+            return
+        if keys == previous:
+            # Answers that arrive but do not read back from the cache: stop rather than loop.
+            raise BatchAborted(
+                f"{len(keys)} answer(s) came back from the Batch API but cannot be read back "
+                "from the cache; check that the cache folder is writable"
+            )
+        previous = keys
+        for (session, path), found in misses.items():
+            session.send(
+                {k: body for k, (_, body) in found.items()},
+                path=path,
+                accept=functools.partial(_accept_found, found),
+            )
+
+
+def _accept_found(
+    found: Mapping[str, tuple[Batch, Any]], key: str, entry: dict[str, Any]
+) -> RowError | None:
+    return _accept(found[key][0], entry)
+
+
+def pipeline_in_rounds(
+    df: pl.DataFrame, steps: Sequence[Step], settings: Settings, stats: PipelineStats
+) -> tuple[list[list[Any]], list[str | None]]:
+    """:func:`polars_llm.pipeline` through the Batch API: each step's values and row errors.
+
+    Sends what is missing in rounds (with the active :class:`BatchRun`, or one that waits),
+    then reads every step from the cache.
+    """
+    run = current_run()
+    before = run.lines_submitted
+    run_in_rounds(lambda: [df], steps, settings, run)
+    ev = evaluate(df, steps, settings, run)
+    failed = [e for e in ev.errors if e is not None]
+    stats.rows_done += df.height - len(failed)
+    stats.rows_failed += len(failed)
+    for reason, n in ev.failed_by_reason.items():
+        stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + n
+    stats.calls += run.lines_submitted - before
+    stats.cached += ev.cached
+    stats.prompt_tokens += ev.prompt_tokens
+    stats.completion_tokens += ev.completion_tokens
+    return ev.results, ev.errors
+
+
+def enrich_frame(
+    df: pl.DataFrame, steps: Sequence[Step], settings: Settings, stats: PipelineStats
+) -> pl.DataFrame:
+    """``df`` with a column per step and the row errors' column, through the Batch API."""
+    from .pipeline import ERROR_COLUMN
+
+    results, errors = pipeline_in_rounds(df, steps, settings, stats)
+    new = [
+        pl.Series(step.name, results[k], dtype=step.post().dtype) for k, step in enumerate(steps)
+    ]
+    return df.with_columns([*new, pl.Series(ERROR_COLUMN, errors, dtype=pl.String)])

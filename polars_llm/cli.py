@@ -9,13 +9,15 @@ command after a crash sends only what was not answered yet. The run itself is
 :mod:`polars_llm.enrich`; this module parses the options and turns errors into exit codes.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad usage or configuration, 3 bad input, 4 too many
-failed rows, 5 aborted by the endpoint (bad key, unknown model, unreachable), 130 interrupted
-(Ctrl-C), 143 terminated (SIGTERM).
+failed rows, 5 aborted by the endpoint (bad key, unknown model, unreachable), 75 Batch API jobs
+pending (``--batch --no-wait``), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -27,6 +29,7 @@ from typing import Any
 
 import click
 
+from .batch import BatchPending
 from .cache import open_cache
 from .enrich import PREFIX, EnrichRun, one_line, say
 from .errors import (
@@ -45,6 +48,7 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_FAILURES = 4
 EXIT_ABORTED = 5
+EXIT_PENDING = 75  # EX_TEMPFAIL: try again later
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
@@ -63,6 +67,8 @@ Exit codes:
   4    more rows failed than allowed; nothing is written to OUTPUT
   5    aborted by the endpoint: bad API key, unknown model, endpoint
        unreachable; nothing is written to OUTPUT
+  75   --batch --no-wait: Batch API jobs are pending; nothing is written
+       to OUTPUT; rerun the same command later
   130  interrupted (Ctrl-C); 143 terminated (SIGTERM); nothing is written
        to OUTPUT, and a rerun resumes from the cache"""
 
@@ -230,6 +236,7 @@ class _StepOptions:
     cache_dir: Path | None
     no_cache: bool
     progress: bool | None
+    batch: bool
 
 
 @cli.command(epilog=ENRICH_EPILOG, context_settings={"max_content_width": 100})
@@ -378,6 +385,19 @@ class _StepOptions:
     help="Show a progress bar (--progress) or nothing (--no-progress). Default: a bar on a "
     "terminal, else a log line on stderr every 10 s.",
 )
+@click.option(
+    "--batch",
+    is_flag=True,
+    help="Send the calls as OpenAI Batch API jobs: half the price, answered within 24 hours. "
+    "Waits for them (progress from the batches' counts), one round per dependent step; a "
+    "rerun resumes the same batches. With --dry-run: batch files, lines and batch prices.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="With --batch: submit the jobs and exit 75 (pending) without waiting; rerun the same "
+    "command later to collect the answers (and submit the next step's) and write OUTPUT.",
+)
 def enrich(
     input_path: Path,
     output_path: Path,
@@ -388,6 +408,7 @@ def enrich(
     max_failed_rate: float,
     dry_run: bool,
     report: Path | None,
+    no_wait: bool,
     **options: Any,
 ) -> int:
     """Add LLM-written columns to the Parquet file INPUT and write it to OUTPUT.
@@ -401,6 +422,8 @@ def enrich(
         raise click.UsageError(
             "no steps: give --step NAME=TEMPLATE (repeatable) or --pipeline FILE"
         )
+    if no_wait and not options["batch"]:
+        raise click.UsageError("--no-wait goes with --batch (the Batch API)")
     run = EnrichRun(
         input=input_path,
         output=output_path,
@@ -410,6 +433,7 @@ def enrich(
         dry_run=dry_run,
         report=report,
         progress=options["progress"],
+        wait=not no_wait,
     )
     return _run_enrich(run, _StepOptions(steps=steps, pipeline_file=pipeline_file, **options))
 
@@ -432,6 +456,13 @@ def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:
             say(f"{error}. Rerun the same command to resume: the answers so far are cached.")
     except click.UsageError:
         raise
+    except BatchPending as e:
+        code, error = EXIT_PENDING, str(e)
+        ids = ", ".join(e.batch_ids)
+        say(
+            f"pending; rerun the same command later (batches: {ids}). Nothing was written to "
+            f"{run.output}"
+        )
     except InputError as e:
         code, error = EXIT_INPUT, str(e)
         _error(e)
@@ -504,6 +535,7 @@ def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
         cache_dir=opts.cache_dir,
         cache=False if opts.no_cache else None,
         progress=opts.progress,
+        batch=True if opts.batch else None,
     )
     return steps, settings
 
@@ -590,6 +622,145 @@ def clear(cache_dir: Path | None, yes: bool) -> int:
     removed = store.clear()
     click.echo(f"removed {removed:,} entries from {folder}")
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# batch
+# --------------------------------------------------------------------------------------------
+@cli.group(name="batch")
+def batch_group() -> None:
+    """List, check or cancel the Batch API jobs submitted from a cache folder (enrich --batch).
+
+    \b
+    Examples:
+      polars-llm batch list
+      polars-llm batch status --json
+      polars-llm batch cancel              # every running batch of the cache folder
+      polars-llm batch cancel batch_abc123
+    """
+
+
+def _endpoint_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--api-key", metavar="KEY", help="API key. Default: $OPENAI_API_KEY.")(f)
+    f = click.option(
+        "--base-url",
+        metavar="URL",
+        help="The endpoint the batches went to. Default: $OPENAI_BASE_URL, else OpenAI.",
+    )(f)
+    return f
+
+
+def _json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _batch_settings(cache_dir: Path | None, base_url: str | None, api_key: str | None) -> Settings:
+    return get_settings().replace(
+        cache_dir=_cache_folder(cache_dir), base_url=base_url, api_key=api_key, cache=True
+    )
+
+
+def _show_batches(entries: Sequence[Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("no batches in this cache folder")
+        return
+    header = ["batch", "status", "model", "lines", "done", "failed", "round", "collected"]
+    rows = [
+        [
+            e.batch_id or f"(upload {e.input_file_id})",
+            e.status,
+            e.model,
+            f"{e.lines:,}",
+            f"{e.completed:,}",
+            f"{e.failed:,}",
+            str(e.round),
+            "yes" if e.collected else "no",
+        ]
+        for e in entries
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    errors = [e for e in entries if e.error]
+    for e in errors:
+        click.echo(f"{e.batch_id}: {e.error}")
+
+
+def _batch_command(action: Callable[[], int]) -> int:
+    try:
+        return action()
+    except ConfigError as e:
+        _error(e)
+        return EXIT_USAGE
+    except BatchAborted as e:
+        _error(e)
+        return EXIT_ABORTED
+
+
+@batch_group.command(name="list")
+@_cache_dir_option
+@_json_option
+def batch_list(cache_dir: Path | None, as_json: bool) -> int:
+    """The batches of the cache folder's ledger, as last seen (no call is made)."""
+    from . import batch
+
+    def action() -> int:
+        _show_batches(batch.list_batches(_cache_folder(cache_dir)), as_json)
+        return EXIT_OK
+
+    return _batch_command(action)
+
+
+@batch_group.command(name="status")
+@_cache_dir_option
+@_endpoint_options
+@_json_option
+def batch_status(
+    cache_dir: Path | None, base_url: str | None, api_key: str | None, as_json: bool
+) -> int:
+    """Ask the endpoint how the running batches of the cache folder are doing, and show all."""
+    from . import batch
+
+    def action() -> int:
+        _show_batches(batch.refresh(_batch_settings(cache_dir, base_url, api_key)), as_json)
+        return EXIT_OK
+
+    return _batch_command(action)
+
+
+@batch_group.command(name="cancel")
+@click.argument("batch_ids", nargs=-1, metavar="[BATCH_ID]...")
+@_cache_dir_option
+@_endpoint_options
+@_json_option
+def batch_cancel(
+    batch_ids: tuple[str, ...],
+    cache_dir: Path | None,
+    base_url: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> int:
+    """Cancel the given batches, or every running batch of the cache folder.
+
+    Lines a batch finished before it stopped are kept: the next run collects them into the
+    cache and submits only the rest.
+    """
+    from . import batch
+
+    def action() -> int:
+        ids = batch.cancel(_batch_settings(cache_dir, base_url, api_key), batch_ids)
+        if as_json:
+            click.echo(json.dumps({"cancelled": ids}))
+        elif ids:
+            click.echo(f"cancelling {len(ids)} batch(es): {', '.join(ids)}")
+        else:
+            click.echo("no running batch to cancel")
+        return EXIT_OK
+
+    return _batch_command(action)
 
 
 def _bytes(n: int) -> str:

@@ -8,6 +8,11 @@ next run removes the temporary files of killed runs. A dry run reads the input a
 step, the calls a run would make and their estimated cost instead. A run shows its progress on
 stderr; either kind can write a JSON report of itself.
 
+With ``Settings(batch=True)`` the calls go out as OpenAI Batch API jobs (:mod:`polars_llm.batch`)
+before anything is written: each round reads the whole input, sends every row's next step that is
+not cached yet, and waits (or, with ``wait=False``, raises
+:class:`~polars_llm.batch.BatchPending`); the output is then written from the cache.
+
 What goes wrong is raised as polars-llm's own errors (:class:`~polars_llm.errors.InputError` for
 a bad input, :class:`~polars_llm.errors.TooManyFailures`, ...); :mod:`polars_llm.cli` turns them
 into one-line messages and exit codes.
@@ -74,6 +79,8 @@ class EnrichRun:
     dry_run: bool
     report: Path | None
     progress: bool | None
+    # Batch API runs only: wait for the batches (False: submit, then raise BatchPending).
+    wait: bool = True
     # Filled in as the run goes.
     t0: float = field(default_factory=time.monotonic, init=False)
     started: bool = field(default=False, init=False)  # the checks passed: a report is due
@@ -105,7 +112,28 @@ class EnrichRun:
         _check_folder(self.output, "output")
         _remove_stale_temp_files(self.output)
         self.started = True
-        self._enrich(pf, steps, settings, columns)
+        if not settings.batch:
+            self._enrich(pf, steps, settings, columns)
+            return
+        from . import batch
+
+        display = _BatchProgress(self.progress)
+        run = batch.BatchRun(wait=self.wait, on_progress=display.update)
+        needed = _needed_columns(steps, columns)
+
+        def frames() -> Iterator[pl.DataFrame]:
+            for rb in _batches(pf, self.input, batch_size=self.batch_size, columns=needed or None):
+                if rb.num_rows:
+                    yield _to_polars(rb, needed, self.input)
+
+        try:
+            with batch.active(run):
+                batch.run_in_rounds(frames, steps, settings, run)
+                display.close()
+                self._enrich(pf, steps, settings, columns)
+        finally:
+            display.close()
+            self.stats.calls += run.lines_submitted
 
     # -- the run -------------------------------------------------------------------------------
     def _enrich(
@@ -123,14 +151,20 @@ class EnrichRun:
                     if rb.num_rows == 0:
                         continue
                     df = _to_polars(rb, needed, self.input)
-                    enriched = pipeline(
-                        df,
-                        steps,
-                        settings=settings,
-                        on_error="null",
-                        progress=progress.update,
-                        stats=self.stats,
-                    )
+                    if settings.batch:
+                        from .batch import enrich_frame
+
+                        enriched = enrich_frame(df, steps, settings, self.stats)
+                        progress.update(self.stats)
+                    else:
+                        enriched = pipeline(
+                            df,
+                            steps,
+                            settings=settings,
+                            on_error="null",
+                            progress=progress.update,
+                            stats=self.stats,
+                        )
                     added = enriched.select(new_names)
                     if self.first_error is None:
                         errors = added.get_column(ERROR_COLUMN).drop_nulls()
@@ -167,6 +201,8 @@ class EnrichRun:
 
     # -- dry run -------------------------------------------------------------------------------
     def _dry_run(self, pf: pq.ParquetFile, steps: list[Step], settings: Settings) -> None:
+        """Print the plan: per step, what a run would send and cost (and as batches, with
+        ``settings.batch``)."""
         needed = _needed_columns(steps, list(pf.schema_arrow.names))
         totals = _Totals()
         for rb in _batches(pf, self.input, batch_size=self.batch_size, columns=needed or None):
@@ -178,6 +214,8 @@ class EnrichRun:
                 _add_plan(totals.plans, sp)
         self.plan_rows = [dataclasses.asdict(sp) for sp in totals.plans.values()]
         click.echo(_plan_table(totals, self.total_rows, self.input, self.batch_size))
+        if settings.batch:
+            click.echo(_batch_plan(list(totals.plans.values())))
 
     # -- report --------------------------------------------------------------------------------
     def write_report(self, code: int, error: str | None) -> None:
@@ -473,6 +511,78 @@ class _Progress:
             self.bar.close()
         elif self.mode == "log":
             click.echo(self.line(stats), err=True)
+
+
+class _BatchProgress:
+    """Lines of the batches waited on: a tqdm bar on a terminal, else a log line every
+    LOG_INTERVAL seconds, from the batches' ``request_counts``."""
+
+    def __init__(self, show: bool | None) -> None:
+        if show is None:
+            self.mode = "bar" if sys.stderr.isatty() else "log"
+        else:
+            self.mode = "bar" if show else "off"
+        self.bar: Any = None
+        self.last: Any = None
+        self.last_log = 0.0
+
+    def line(self, p: Any) -> str:
+        return (
+            f"{PREFIX}: batches: {p.ended}/{p.batches} ended, {p.completed + p.failed:,}/"
+            f"{p.lines:,} lines done, {p.failed:,} failed"
+        )
+
+    def update(self, p: Any) -> None:
+        self.last = p
+        if self.mode == "bar":
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=p.lines,
+                    unit="line",
+                    desc=f"{PREFIX} batch",
+                    file=sys.stderr,
+                    leave=False,
+                    **({} if _terminal_columns() else {"ncols": 100, "nrows": 20}),
+                )
+            self.bar.total = p.lines
+            self.bar.n = p.completed + p.failed
+            self.bar.set_postfix_str(f"{p.ended}/{p.batches} batches ended", refresh=False)
+            self.bar.refresh()
+        elif self.mode == "log":
+            now = time.monotonic()
+            if now - self.last_log >= LOG_INTERVAL or p.ended == p.batches:
+                self.last_log = now
+                click.echo(self.line(p), err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _batch_plan(plans: list[StepPlan]) -> str:
+    """The dry run's Batch API lines: files and lines per model, cost beside synchronous."""
+    from .batch import BATCH_DISCOUNT, MAX_LINES
+
+    lines_by_model: dict[str, int] = {}
+    for sp in plans:
+        lines_by_model[sp.model] = lines_by_model.get(sp.model, 0) + sp.to_send + sp.unknown
+    files = sum(math.ceil(n / MAX_LINES) for n in lines_by_model.values())
+    now = sum(sp.to_send for sp in plans)
+    later = sum(sp.unknown for sp in plans)
+    costs = [sp.est_cost_usd for sp in plans]
+    if any(c is None for c in costs):
+        cost = "cost ? (no price known for a model)"
+    else:
+        sync = sum(c for c in costs if c)
+        cost = f"est. cost ${sync * BATCH_DISCOUNT:,.4f} at batch prices (${sync:,.4f} synchronous)"
+    return (
+        f"Batch API: {files:,} batch file(s) over {len(lines_by_model)} model(s): {now:,} "
+        f"line(s) in the first round, up to {later:,} more in later rounds (steps that read "
+        f"answers not cached yet); {cost}."
+    )
 
 
 # --------------------------------------------------------------------------------------------
