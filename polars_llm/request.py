@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 # Bump when the meaning of cached values changes, so old entries are never misread.
 KEY_VERSION = 1
@@ -80,7 +82,8 @@ class RequestTemplate:
         self.post = post
         text = canonical_json(self.request(self._HOLE).payload())
         prefix, suffix = text.split(json.dumps(self._HOLE, ensure_ascii=False))
-        self._prefix = prefix.encode()
+        # The prefix is hashed once; each key continues from a copy of that state.
+        self._prefix_hash = hashlib.sha256(prefix.encode())
         self._suffix = suffix.encode()
 
     def messages(self, text: str) -> tuple[dict[str, str], ...]:
@@ -112,10 +115,23 @@ class RequestTemplate:
 
     def key(self, text: str) -> str:
         """The cache key of ``request(text)``, computed without building it."""
-        h = hashlib.sha256(self._prefix)
-        h.update(json.dumps(text, ensure_ascii=False).encode())
+        # orjson writes a string exactly as json.dumps(ensure_ascii=False) does, in a third of
+        # the time (checked for every code point in tests/test_request.py).
+        h = self._prefix_hash.copy()
+        h.update(orjson.dumps(text))
         h.update(self._suffix)
         return h.hexdigest()
+
+    def keys(self, texts: Sequence[str]) -> list[str]:
+        """``key(text)`` of each text, in order: the loop of a million cache lookups."""
+        start, suffix, dumps = self._prefix_hash, self._suffix, orjson.dumps
+        keys = []
+        for text in texts:
+            h = start.copy()
+            h.update(dumps(text))
+            h.update(suffix)
+            keys.append(h.hexdigest())
+        return keys
 
     def body(self, text: str) -> dict[str, Any]:
         """The JSON body sent to the endpoint for one chat prompt."""
