@@ -380,6 +380,17 @@ class _StepOptions:
     "seconds, exit code), also when the run fails. Example: --report run.json",
 )
 @click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on a Ray cluster (needs polars-llm[ray]): INPUT and OUTPUT are folders, and each "
+    "Parquet file of INPUT gives one file of the same name in OUTPUT. Without ADDRESS, a local "
+    "cluster; put --ray last or write --ray=ADDRESS. Example: --ray ray://head:10001",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Show a progress bar (--progress) or nothing (--no-progress). Default: a bar on a "
@@ -409,6 +420,7 @@ def enrich(
     dry_run: bool,
     report: Path | None,
     no_wait: bool,
+    ray_address: str | None,
     **options: Any,
 ) -> int:
     """Add LLM-written columns to the Parquet file INPUT and write it to OUTPUT.
@@ -424,6 +436,22 @@ def enrich(
         )
     if no_wait and not options["batch"]:
         raise click.UsageError("--no-wait goes with --batch (the Batch API)")
+    if ray_address is not None:
+        if options["batch"]:
+            raise click.UsageError("--batch (the Batch API) does not run with --ray; drop one")
+        return _run_enrich(
+            _ray_run(
+                input_path,
+                output_path,
+                ray_address,
+                batch_size,
+                max_failed_rows,
+                max_failed_rate,
+                dry_run,
+                report,
+            ),
+            _StepOptions(steps=steps, pipeline_file=pipeline_file, **options),
+        )
     run = EnrichRun(
         input=input_path,
         output=output_path,
@@ -436,6 +464,33 @@ def enrich(
         wait=not no_wait,
     )
     return _run_enrich(run, _StepOptions(steps=steps, pipeline_file=pipeline_file, **options))
+
+
+def _ray_run(
+    input_path: Path,
+    output_path: Path,
+    address: str,
+    batch_size: int,
+    max_failed_rows: int,
+    max_failed_rate: float,
+    dry_run: bool,
+    report: Path | None,
+) -> Any:
+    """The run of ``enrich --ray`` (polars_llm.ray.RayRun)."""
+    if dry_run or report is not None:
+        raise click.UsageError("--dry-run and --report do not run on Ray yet; drop --ray for them")
+    try:
+        from .ray import RayRun
+    except ConfigError as e:  # Ray is not installed
+        raise click.UsageError(str(e)) from e
+    return RayRun(
+        input=input_path,
+        output=output_path,
+        address=address or None,
+        batch_size=batch_size,
+        max_failed_rows=max_failed_rows,
+        max_failed_rate=max_failed_rate,
+    )
 
 
 def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:
