@@ -47,6 +47,7 @@ from .errors import ConfigError, InputError, PolarsLLMError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, check_steps, load_pipeline, pipeline
 from .prompt import placeholders
 from .settings import Settings, get_settings
+from .shared import SharedStateError, use_home
 
 # The actor that holds the cluster's shared state: one per cluster, found by name.
 ACTOR_NAME = "polars-llm-shared"
@@ -180,7 +181,7 @@ class RayState:
             try:
                 results = await self._actor.apply.remote(self._owner, [op for op, _ in batch])
             except RayError as e:
-                error = RayJobError(
+                error = SharedStateError(
                     f"cannot reach the shared state actor {ACTOR_NAME!r} of the Ray cluster: "
                     f"{type(e).__name__}. Rerun the job; answers so far are cached."
                 )
@@ -298,7 +299,8 @@ class _Enrich:
         self.names = [s.name for s in steps]
         self.stats = PipelineStats()
         if state is not None:
-            _use_cluster_home(RayState(state))
+            # Every call of this worker shares the cluster's budget, claims and answers.
+            use_home(RayState(state))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         columns = [c for c in self.needed if c in table.column_names]
@@ -318,13 +320,6 @@ class _Enrich:
         for field, column in zip(added.schema, added.columns, strict=True):
             table = table.append_column(field, column)
         return table
-
-
-def _use_cluster_home(home: RayState) -> None:
-    """Make ``home`` this worker process's shared state (see polars_llm.shared)."""
-    from . import shared  # TEMP
-
-    getattr(shared, "use_home", lambda h: None)(home)
 
 
 def enrich(

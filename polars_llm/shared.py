@@ -533,11 +533,24 @@ _homes: dict[tuple[str, str], SharedState] = {}
 _homes_lock = threading.Lock()
 
 
+# A home for every call of this process that names no shared URL: a Ray worker's is its
+# cluster's actor (polars_llm.ray), which machines share without Redis.
+_process_home: SharedState | None = None
+
+
 def _forget_homes_in_child() -> None:
     # A forked child must not use the parent's connections or threads.
-    global _homes, _homes_lock
+    global _homes, _homes_lock, _process_home
     _homes = {}
     _homes_lock = threading.Lock()
+    _process_home = None
+
+
+def use_home(home: SharedState | None) -> None:
+    """Make ``home`` the shared state of every call of this process that names no shared URL
+    (``None``: back to the default homes)."""
+    global _process_home
+    _process_home = home
 
 
 os.register_at_fork(after_in_child=_forget_homes_in_child)
@@ -548,6 +561,8 @@ def open_shared(settings: Settings) -> SharedState:
     ``$POLARS_LLM_SHARED_URL`` is set), else a SQLite file in the cache folder, else this
     process alone."""
     url = settings.shared_url or os.environ.get("POLARS_LLM_SHARED_URL") or None
+    if url is None and _process_home is not None:
+        return _process_home
     cache_dir = settings.cache_path()
     if url:
         where = ("redis", url)

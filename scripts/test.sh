@@ -9,7 +9,7 @@ if ! command -v redis-server >/dev/null; then
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet --quiet -e '.[local,dev]'
+.venv/bin/python -m pip install --quiet --quiet -e '.[local,dev,ray]'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/pytest "$@"
