@@ -31,6 +31,8 @@ Scenarios:
    of the limit used, share of 429s.
 9. high concurrency: C = 1024 against a latency of 1 s ± 25 %, N unique prompts: req/s against
    the bound.
+10. Ray Data: ``polars_llm.ray.enrich`` with 1 and 2 workers on a local Ray (needs the ``ray``
+    extra): rows/s, latency as in 1, C = 64 per worker.
 
 polars-llm's first batch against an endpoint sends one request alone before the others (a probe, so
 a wrong key costs one call). Runs marked *cold* start on a fresh endpoint, as a one-off script
@@ -93,6 +95,7 @@ FULL = {
     "s8_n": 3_000,
     "s8_rpm": 3_000,
     "s9_n": 8_000,
+    "ray_n": 20_000,
 }
 QUICK = {
     "s1_n": 320,
@@ -110,6 +113,7 @@ QUICK = {
     "s8_n": 600,
     "s8_rpm": 3_000,
     "s9_n": 2_048,
+    "ray_n": 2_000,
 }
 
 
@@ -683,6 +687,59 @@ def s8_table(s8: dict[str, Any]) -> str:
     )
 
 
+def scenario_ray(sizes: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data: rows/s of ``polars_llm.ray.enrich`` with 1 and 2 workers (a local Ray, 2 CPUs).
+
+    The wall time runs from ``enrich`` to the last row back on the driver: it includes starting
+    the workers (a few seconds), as a job does.
+    """
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    from polars_llm import Step
+    from polars_llm.ray import enrich
+
+    n, c = sizes["ray_n"], 64
+    server = {"latency": LATENCY, "jitter": JITTER}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    try:
+        for workers in (1, 2):
+            bound = bound_rate(c * workers, LATENCY, None)
+            _log(f"S-ray {workers} worker(s): N={n}, C={c} per worker, bound {bound:.0f} rows/s")
+            prompts = _questions(f"ray{workers}", n)
+            ds = ray.data.from_arrow(pl.DataFrame({"q": prompts}).to_arrow()).repartition(8)
+            ds = ds.materialize()
+            with _server(**server) as (srv, _), tempfile.TemporaryDirectory() as tmp:
+                settings = _settings(srv, c, Path(tmp) / "cache")
+                load, start = _load(), time.perf_counter()
+                out = enrich(ds, [Step("a", TEMPLATE)], settings, workers=workers)
+                batches = list(out.iter_batches(batch_format="pyarrow", batch_size=None))
+                wall = time.perf_counter() - start
+                stats = srv.stats()
+            got = pl.from_arrow(pa.concat_tables(batches))
+            assert isinstance(got, pl.DataFrame)
+            wrong = got.filter(pl.col("a") != pl.concat_str(pl.lit("echo: Say "), pl.col("q")))
+            if wrong.height or got.height != n:
+                raise AssertionError(f"Ray gave {wrong.height} wrong answer(s) of {got.height}")
+            row = {
+                "workers": workers,
+                "bound_per_s": bound,
+                "wall_s": wall,
+                "rate_per_s": n / wall,
+                "calls": stats.calls,
+                "max_in_flight": stats.max_in_flight,
+                "load_before": load,
+            }
+            _log(f"  wall={wall:.2f}s rate={n / wall:.1f} rows/s calls={stats.calls}")
+            rows.append(row)
+    finally:
+        ray.shutdown()
+    return {"n": n, "concurrency": c, "latency_s": LATENCY, "rows": rows}
+
+
 # ------------------------------------------------------------------------------------------------
 # Goals, tables and the chart
 # ------------------------------------------------------------------------------------------------
@@ -1101,6 +1158,26 @@ def tables(results: dict[str, Any]) -> str:
         )
     if s8 := results.get("s8"):
         parts.append(s8_table(s8))
+    if s_ray := results.get("s_ray"):
+        rows = [
+            [
+                str(r["workers"]),
+                _f(r["bound_per_s"], 0),
+                _f(r["rate_per_s"]),
+                _f(r["wall_s"], 2),
+                str(r["calls"]),
+                str(r["max_in_flight"]),
+            ]
+            for r in s_ray["rows"]
+        ]
+        parts.append(
+            f"S-ray (scenario 10): polars_llm.ray.enrich on a local Ray (2 CPUs), "
+            f"{s_ray['n']:,} unique prompts, latency {s_ray['latency_s'] * 1000:.0f} ms, "
+            f"C={s_ray['concurrency']} per worker; wall time includes starting the workers\n\n"
+            + _table(
+                ["workers", "bound rows/s", "rows/s", "wall s", "calls", "max in flight"], rows
+            )
+        )
     if results.get("goals"):
         rows = [[g["goal"], "met" if g["met"] else "MISSED", g["figure"]] for g in results["goals"]]
         caveat = (
@@ -1209,6 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
         (7, "s7", lambda: scenario_7(sizes)),
         (8, "s8", lambda: scenario_8(sizes)),
         (9, "s9", lambda: scenario_9(sizes)),
+        (10, "s_ray", lambda: scenario_ray(sizes)),
     ]
     for number, key, step in steps:
         if number in wanted:
