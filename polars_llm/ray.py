@@ -144,7 +144,7 @@ def cluster_state() -> Any:
     budget and find the answers of the others. ``ray.kill`` it to free its memory.
     """
     actor = ray.remote(num_cpus=0)(ClusterState)
-    return actor.options(  # type: ignore[attr-defined]
+    return actor.options(
         name=ACTOR_NAME,
         namespace=ACTOR_NAMESPACE,
         get_if_exists=True,
@@ -465,7 +465,8 @@ class RayRun:
                 writers.append(stack.enter_context(_AtomicParquet(self.output / f.name)))
             index, left = 0, rows[0]
             try:
-                for table in out.iter_batches(batch_format="pyarrow", batch_size=None):
+                for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
+                    table: pa.Table = batch
                     errors = table.column(ERROR_COLUMN)
                     failed += len(errors) - errors.null_count
                     if first_error is None and len(errors) > errors.null_count:
@@ -504,7 +505,7 @@ def _connect(address: str | None) -> None:
     try:
         ray.init(
             address=address or None,
-            logging_level="warning",
+            logging_level=logging.WARNING,
             log_to_driver=False,
             include_dashboard=False if address is None else None,
         )
