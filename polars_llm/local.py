@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +31,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,7 +289,7 @@ def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     would kill the server when that thread finishes, so a dedicated thread forks it and then
     waits on it.
     """
-    preexec = _pdeathsig_preexec()
+    command = _with_parent_death_signal(command)
     handoff: dict[str, object] = {}
     ready = threading.Event()
 
@@ -306,7 +303,6 @@ def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
                     stderr=subprocess.STDOUT,
                     # Its own session: a Ctrl-C meant for the user's program does not reach it.
                     start_new_session=True,
-                    preexec_fn=preexec,
                 )
         except BaseException as exc:
             handoff["error"] = exc
@@ -323,29 +319,24 @@ def _spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
     return handoff["process"]  # type: ignore[return-value]
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when we die, or None off Linux.
+# Run between our fork and the server's start, in a fresh interpreter: a preexec_fn would run
+# Python in the forked copy of this multi-threaded process, where a lock another thread held at
+# fork time (the import lock, an allocator's) is never released. argv: parent pid, command...
+_DEATH_SIGNAL_WRAPPER = f"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG}, int(signal.SIGTERM), 0, 0, 0)
+# If the parent died before prctl, no signal will ever come: go now.
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
-    prctl is looked up here, in the parent: between fork and exec the child should do as
-    little as possible.
-    """
+
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    """``command`` run so that it gets SIGTERM when this process dies (Linux), else as is."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        # If we died between fork and prctl, no signal will ever come: go now.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+        return command
+    return [sys.executable, "-c", _DEATH_SIGNAL_WRAPPER, str(os.getpid()), *command]
 
 
 def _wait_until_ready(server: _Server) -> None:
