@@ -1,4 +1,4 @@
-"""The on-disk result cache: sha256 request keys to JSON strings, over diskcache.
+"""The on-disk result cache: sha256 request keys to JSON objects, over diskcache.
 
 Only JSON strings go in and only strings come out: diskcache would pickle other values and unpickle
 whatever it finds, so a tampered cache folder could run code (CVE-2025-69872). ``_StrictDisk``
@@ -6,22 +6,46 @@ refuses pickled entries outright.
 
 Writes go through one writer thread per cache, which drains everything queued into one
 transaction: the event loop never waits on an SQLite write, a busy run batches its writes, and a
-quiet one writes each result as soon as it arrives (a crash keeps what was answered).
+quiet one writes each result as soon as it arrives (a crash keeps what was answered). Until the
+writer has committed an answer, lookups find it in a pending overlay, so a lookup right after a
+``put`` (the streaming engine's next morsel) never pays for it again.
+
+A cache that cannot be used never stops a run. A damaged database or a read-only folder makes
+the whole cache a miss (``problem`` says why) and an unreadable entry (not JSON, not an object, a
+truncated value file) is a miss; each kind is told once per cache as a ``CacheWarning``. An answer
+that cannot be stored (a lone surrogate) is skipped with a warning, and never fails the other
+answers written in the same transaction.
+
+Write errors belong to their owner: ``put(key, value, owner)`` files a failed write under
+``owner`` and ``flush(owner)`` raises only that owner's error, so a write error of one batch never
+fails another. ``put``/``flush`` without an owner share the owner ``None``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import queue
+import re
+import shutil
+import sqlite3
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
-from .errors import CacheWriteError, ConfigError
+from .errors import CacheWriteError, ConfigError, InputError
+
+
+class CacheWarning(UserWarning):
+    """The cache could not be used as it is; polars-llm went on without the part it could not use."""
 
 
 class _StrictDisk(diskcache.Disk):
@@ -43,6 +67,17 @@ class _StrictDisk(diskcache.Disk):
 _CHUNK = 500
 _STOP = object()
 _FLUSH = object()
+# diskcache writes its settings to SQLite every time a cache is opened. Hundreds of processes
+# doing that at once on one folder have deadlocked, so openers take turns behind a file lock,
+# and a database busy with a long write is retried for up to this many seconds.
+_OPEN_TIMEOUT = 120.0
+# How long one SQLite statement waits for another process's write transaction.
+_SQLITE_TIMEOUT = 30.0
+_LOCK_FILE = ".polars-llm-open.lock"
+# What diskcache keeps in a cache folder: the database and two levels of value-file folders.
+_DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
+_VALUE_DIR = re.compile(r"[0-9a-f]{2}")
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 class ResultCache:
@@ -50,40 +85,69 @@ class ResultCache:
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory).expanduser()
+        # Why the cache is not in use (damaged, read-only), or None when it is.
+        self.problem: str | None = None
+        # Whether that is because its database is damaged (clearing it is then the remedy).
+        self.damaged = False
+        self._cache: diskcache.Cache | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            # eviction_policy "none": a cache of paid-for answers is never thinned silently;
-            # `polars-llm cache clear` empties it. It also spares a write on every read.
-            # cull_limit 0: nothing expires or is evicted, so skip the culling query that
-            # diskcache otherwise runs on every write.
-            self._cache = diskcache.Cache(
-                str(self.directory),
-                disk=_StrictDisk,
-                eviction_policy="none",
-                size_limit=2**62,
-                cull_limit=0,
-            )
         except OSError as e:
             raise ConfigError(
                 f"cannot open the cache folder {self.directory}: {e}. "
                 "Set cache_dir= or $POLARS_LLM_CACHE_DIR to a writable folder, or cache=False."
             ) from e
+        self._warned: set[str] = set()
+        self._warn_lock = threading.Lock()
+        try:
+            self._cache = _open_diskcache(self.directory)
+        except (sqlite3.Error, OSError, diskcache.Timeout) as e:
+            self.damaged = _is_damage(e)
+            self.problem = _describe_open_error(self.directory, e)
+            self._warn("open", f"{self.problem}; going on without the cache")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
-        self._write_error: BaseException | None = None
+        # Answers put but not yet committed: key -> JSON text.
+        self._pending: dict[str, str] = {}
+        self._pending_lock = threading.Lock()
+        self._errors: dict[object, BaseException] = {}
 
+    # -- reads ---------------------------------------------------------------------------------
     def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]:
         """The cached result of each key, or None.
 
-        Reads in chunks of several hundred keys per SQL query on diskcache's own connection,
-        about four times faster than one ``get`` per key: a fully cached column of a million
-        rows is read in seconds. Only entries stored inline as text are taken this way; any
-        other entry (stored in a file, say) goes through ``get`` and ``_StrictDisk``.
+        Answers put but not yet on disk come first. The rest are read in chunks of several
+        hundred keys per SQL query on diskcache's own connection, about four times faster than
+        one ``get`` per key: a fully cached column of a million rows is read in seconds. Only
+        entries stored inline as text are taken this way; any other entry (stored in a file,
+        say) goes through diskcache's ``get`` and ``_StrictDisk``. An entry that is not a JSON
+        object is a miss, told once as a ``CacheWarning``.
         """
         found: dict[str, str] = {}
+        with self._pending_lock:
+            if self._pending:
+                for k in keys:
+                    text = self._pending.get(k)
+                    if text is not None:
+                        found[k] = text
+        rest = [k for k in keys if k not in found] if found else keys
+        if self._cache is not None and rest:
+            try:
+                self._read(rest, found)
+            except (sqlite3.Error, OSError) as e:
+                self._warn(
+                    "read",
+                    f"cannot read the cache at {self.directory} ({e}); its answers are treated "
+                    f"as missing. {_REMEDY.format(folder=self.directory)}",
+                )
+        return [self._decode(found.get(k)) for k in keys]
+
+    def _read(self, keys: list[str], found: dict[str, str]) -> None:
+        cache = self._cache
+        assert cache is not None
         slow: list[str] = []
-        sql = self._cache._sql  # diskcache's per-thread connection: the documented schema below
+        sql = cache._sql  # diskcache's per-thread connection: the documented schema below
         now = time.time()
         for start in range(0, len(keys), _CHUNK):
             chunk = keys[start : start + _CHUNK]
@@ -98,54 +162,72 @@ class ResultCache:
                 else:
                     slow.append(key)
         for key in slow:
-            value = self._cache.get(key)
+            try:
+                value = cache.get(key)
+            except (OSError, UnicodeDecodeError) as e:  # a value file truncated or unreadable
+                self._unreadable(e)
+                continue
             if isinstance(value, str):
                 found[key] = value
-        loads = json.loads
-        return [loads(found[k]) if k in found else None for k in keys]
+            else:
+                self._unreadable(TypeError("not text"))
+
+    def _decode(self, text: str | None) -> dict[str, Any] | None:
+        if text is None:
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            self._unreadable(e)
+            return None
+        if not isinstance(value, dict):
+            self._unreadable(TypeError(f"a JSON {type(value).__name__}, not an object"))
+            return None
+        # An answer is text or a vector: anything else would come back as a silent null.
+        text, vector = value.get("text", ""), value.get("vector", [])
+        if not isinstance(text, str) or not isinstance(vector, list):
+            self._unreadable(TypeError(f"an answer of {text!r:.40} / {vector!r:.40}"))
+            return None
+        return value
+
+    def _unreadable(self, error: BaseException) -> None:
+        self._warn(
+            "entry",
+            f"the cache at {self.directory} has unreadable entries (first: {error}); they are "
+            "treated as missing and asked again",
+        )
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The cached result of one key, or None."""
         return self.get_many([key])[0]
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        """Queue a result for writing; returns at once. ``flush`` waits until it is on disk."""
-        self._ensure_writer()
-        self._queue.put((key, json.dumps(value, separators=(",", ":"), ensure_ascii=False)))
+    # -- writes --------------------------------------------------------------------------------
+    def put(self, key: str, value: dict[str, Any], owner: object = None) -> None:
+        """Queue a result for writing; returns at once. ``flush(owner)`` waits until it is on disk.
 
-    def flush(self) -> None:
-        """Wait until every queued result is written; re-raise a write failure."""
+        Lookups see the result at once. If the write fails, ``flush(owner)`` raises the error,
+        and only for that owner.
+        """
+        if self._cache is None:
+            return
+        text = _dumps(value)
+        with self._pending_lock:
+            self._pending[key] = text
+        self._ensure_writer()
+        self._queue.put((key, text, owner))
+
+    def flush(self, owner: object = None) -> None:
+        """Wait until every queued result is written; raise ``owner``'s write failure, if any."""
         if self._writer is not None:
             done = threading.Event()
             self._queue.put((_FLUSH, done))
             done.wait()
-        if self._write_error is not None:
-            error, self._write_error = self._write_error, None
+        error = self._errors.pop(owner, None)
+        if error is not None:
             raise CacheWriteError(
                 f"could not write to the cache at {self.directory}: {error}. Free some space or "
                 "set cache_dir= / $POLARS_LLM_CACHE_DIR to another folder"
             ) from error
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def volume(self) -> int:
-        """Bytes the cache takes on disk."""
-        return int(self._cache.volume())
-
-    def clear(self) -> int:
-        """Remove every entry; returns how many there were."""
-        self.flush()
-        return int(self._cache.clear())
-
-    def close(self) -> None:
-        """Write what is queued, stop the writer and close the database."""
-        if self._writer is not None:
-            self.flush()
-            self._queue.put(_STOP)
-            self._writer.join()
-            self._writer = None
-        self._cache.close()
 
     def _ensure_writer(self) -> None:
         if self._writer is not None:
@@ -166,19 +248,293 @@ class ResultCache:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            pairs = [i for i in items if isinstance(i, tuple) and i[0] is not _FLUSH]
-            if pairs:
-                try:
-                    with self._cache.transact():
-                        for key, text in pairs:
-                            self._cache.set(key, text)
-                except Exception as e:  # reported by the next flush()
-                    self._write_error = e
+            entries = [i for i in items if isinstance(i, tuple) and i[0] is not _FLUSH]
+            if entries:
+                self._write(entries)
             for item in items:
                 if isinstance(item, tuple) and item[0] is _FLUSH:
                     item[1].set()
             if any(i is _STOP for i in items):
+                # This thread's own connection: the last one to close cleans up the WAL files.
+                if self._cache is not None:
+                    self._cache.close()
                 return
+
+    def _write(self, entries: list[tuple[str, str, object]]) -> None:
+        cache = self._cache
+        assert cache is not None
+        try:
+            try:
+                with cache.transact():
+                    for key, text, _ in entries:
+                        cache.set(key, text)
+            except Exception:
+                # One by one, so one answer that cannot be stored fails only itself.
+                for key, text, owner in entries:
+                    try:
+                        cache.set(key, text)
+                    except ValueError as e:  # a lone surrogate: not encodable as UTF-8
+                        self._warn(
+                            "unstorable",
+                            f"an answer could not be stored in the cache at {self.directory} "
+                            f"({e}); it was skipped, and a rerun asks for it again",
+                        )
+                    except Exception as e:  # full disk, lost permissions: the owner is told
+                        self._errors.setdefault(owner, e)
+        finally:
+            with self._pending_lock:
+                for key, text, _ in entries:
+                    # A later put of the same key stays pending until it is written too.
+                    if self._pending.get(key) is text:
+                        del self._pending[key]
+
+    # -- the whole cache -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return 0 if self._cache is None else len(self._cache)
+
+    def volume(self) -> int:
+        """Bytes the cache takes on disk."""
+        return 0 if self._cache is None else int(self._cache.volume())
+
+    def clear(self) -> int:
+        """Remove every entry; returns how many there were."""
+        self.flush()
+        if self._cache is None:
+            return 0
+        return int(self._cache.clear())
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer and close the database."""
+        if self._writer is not None:
+            self.flush()
+            self._queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
+        if self._cache is not None:
+            self._cache.close()
+
+    # -- export and import ---------------------------------------------------------------------
+    def export_parquet(self, path: Path) -> int:
+        """Write every readable entry to a Parquet file of ``key`` and ``value`` (JSON text).
+
+        The file appears atomically: it is written next to ``path`` and moved onto it. Returns
+        how many entries were written; unreadable entries are left out with a warning.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        cache = self._require()
+        schema = pa.schema([("key", pa.string()), ("value", pa.string())])
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        written = 0
+        try:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for keys in _key_chunks(cache):
+                    values = self.get_many(keys)
+                    pairs = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+                    if not pairs:
+                        continue
+                    writer.write_table(
+                        pa.table(
+                            {
+                                "key": [k for k, _ in pairs],
+                                "value": [_dumps(v) for _, v in pairs],
+                            },
+                            schema=schema,
+                        )
+                    )
+                    written += len(pairs)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        return written
+
+    def import_parquet(self, path: Path) -> tuple[int, int]:
+        """Add the entries of a Parquet file made by ``export_parquet``; keep existing keys.
+
+        Every row is checked first (a 64-hex key, a JSON object value); a bad file raises
+        InputError and nothing is imported. The entries go in in one transaction. Returns
+        (entries added, entries already present).
+        """
+        cache = self._require()
+        _check_import_file(path)
+        added = kept = 0
+        with cache.transact():
+            for keys, texts in _import_batches(path):
+                for key, text in zip(keys, texts, strict=True):
+                    if cache.add(key, text):
+                        added += 1
+                    else:
+                        kept += 1
+        return added, kept
+
+    def _require(self) -> diskcache.Cache:
+        if self._cache is None:
+            raise ConfigError(self.problem or f"the cache at {self.directory} is not open")
+        self.flush()
+        return self._cache
+
+    def _warn(self, kind: str, message: str) -> None:
+        with self._warn_lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
+        warnings.warn(message, CacheWarning, stacklevel=3)
+
+
+_REMEDY = (
+    "To start afresh, run `polars-llm cache clear --cache-dir {folder}`, or set cache_dir= / "
+    "$POLARS_LLM_CACHE_DIR to another folder"
+)
+
+
+def _is_damage(error: BaseException) -> bool:
+    # "file is not a database", "database disk image is malformed"; not a lock or a permission.
+    return isinstance(error, sqlite3.DatabaseError) and not isinstance(
+        error, sqlite3.OperationalError
+    )
+
+
+def _describe_open_error(folder: Path, error: BaseException) -> str:
+    text = str(error)
+    if _is_damage(error):
+        return f"the cache at {folder} is damaged ({text}). {_REMEDY.format(folder=folder)}"
+    read_only = isinstance(error, OSError) and error.errno in (
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+    )
+    if read_only or "readonly" in text or "unable to open" in text:
+        return (
+            f"the cache folder {folder} is read-only ({text}); make it writable, or set "
+            "cache_dir= / $POLARS_LLM_CACHE_DIR to a writable folder"
+        )
+    return f"cannot open the cache at {folder} ({text}). {_REMEDY.format(folder=folder)}"
+
+
+@contextlib.contextmanager
+def _open_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder's open-lock file; it also proves the folder writable.
+
+    SQLite is never opened in a folder that refuses writes: with read-only WAL files left by
+    another process it can crash the process (SIGBUS) instead of failing.
+    """
+    fd = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_diskcache(folder: Path) -> diskcache.Cache:
+    deadline = time.monotonic() + _OPEN_TIMEOUT
+    delay = 0.01
+    with _open_lock(folder):
+        while True:
+            try:
+                # eviction_policy "none": a cache of paid-for answers is never thinned silently;
+                # `polars-llm cache clear` empties it. It also spares a write on every read.
+                # cull_limit 0: nothing expires or is evicted, so skip the culling query that
+                # diskcache otherwise runs on every write.
+                return diskcache.Cache(
+                    str(folder),
+                    timeout=_SQLITE_TIMEOUT,
+                    disk=_StrictDisk,
+                    eviction_policy="none",
+                    size_limit=2**62,
+                    cull_limit=0,
+                )
+            except sqlite3.OperationalError as e:
+                # Another process's long write transaction outlasted diskcache's own retries.
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+
+
+def remove_cache_files(folder: Path) -> None:
+    """Delete what diskcache keeps in ``folder`` (its database and value files), even damaged."""
+    for name in _DB_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    for entry in folder.iterdir():
+        if entry.is_dir() and _VALUE_DIR.fullmatch(entry.name):
+            shutil.rmtree(entry)
+
+
+def _dumps(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _key_chunks(cache: diskcache.Cache, size: int = 10_000) -> Iterator[list[str]]:
+    """Every key of the cache, a chunk at a time, in insertion order."""
+    last = -1
+    while True:
+        rows = cache._sql(
+            "SELECT rowid, key FROM Cache WHERE raw = 1 AND rowid > ? ORDER BY rowid LIMIT ?",
+            (last, size),
+        ).fetchall()
+        if not rows:
+            return
+        last = rows[-1][0]
+        yield [key for _, key in rows if isinstance(key, str)]
+
+
+def _import_batches(path: Path) -> Iterator[tuple[list[Any], list[Any]]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    for rb in pf.iter_batches(columns=["key", "value"], batch_size=10_000):
+        yield rb.column(0).to_pylist(), rb.column(1).to_pylist()
+
+
+def _check_import_file(path: Path) -> None:
+    """Raise InputError unless every row of ``path`` is a 64-hex key and a JSON object."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hint = "give a file written by `polars-llm cache export`"
+    try:
+        pf = pq.ParquetFile(path)
+    except FileNotFoundError as e:
+        raise InputError(f"{path} does not exist; check the path") from e
+    except (pa.ArrowException, ValueError, OSError) as e:
+        raise InputError(f"{path} is not a Parquet file ({e}); {hint}") from e
+    schema = pf.schema_arrow
+    for name in ("key", "value"):
+        kind = schema.field(name).type if name in schema.names else None
+        if kind is None or not (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_string_view(kind)
+        ):
+            raise InputError(f"{path} has no text column {name!r}; {hint}")
+    row = 0
+    try:
+        for keys, texts in _import_batches(path):
+            for key, text in zip(keys, texts, strict=True):
+                row += 1
+                if not isinstance(key, str) or not _KEY.fullmatch(key):
+                    raise InputError(
+                        f"{path}, row {row}: the key {key!r} is not 64 hex digits; {hint}. "
+                        "Nothing was imported"
+                    )
+                try:
+                    ok = isinstance(text, str) and isinstance(json.loads(text), dict)
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise InputError(
+                        f"{path}, row {row}: the value is not a JSON object; {hint}. "
+                        "Nothing was imported"
+                    )
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"cannot read {path} ({e}); the file may be truncated") from e
 
 
 _caches: dict[Path, ResultCache] = {}

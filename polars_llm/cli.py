@@ -19,9 +19,11 @@ import contextlib
 import dataclasses
 import json
 import signal
+import sqlite3
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Any
 import click
 
 from .batch import BatchPending
-from .cache import open_cache
+from .cache import CacheWarning, ResultCache, open_cache, remove_cache_files
 from .enrich import PREFIX, EnrichRun, one_line, say
 from .errors import (
     BatchAborted,
@@ -60,9 +62,12 @@ Exit codes:
        are written with their error in llm_error)
   1    unexpected error (e.g. the disk filled up while writing)
   2    bad usage or configuration: unknown option, malformed --step or
-       template, bad pipeline file, a template naming a later step
+       template, bad pipeline file (not TOML or UTF-8, a value of the wrong
+       type), a template naming a later step, --report naming INPUT or
+       OUTPUT
   3    bad input: missing file, not Parquet, no rows, a template naming a
-       column the input does not have, a step named like an input column,
+       column the input does not have or a list, array, struct or binary
+       column, text that is not UTF-8, a step named like an input column,
        output folder missing or not writable
   4    more rows failed than allowed; nothing is written to OUTPUT
   5    aborted by the endpoint: bad API key, unknown model, endpoint
@@ -143,6 +148,18 @@ def _error(message: object) -> None:
     click.echo(f"{PREFIX}: error: {one_line(message)}", err=True)
 
 
+def _warning_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show a warning as one ``polars-llm: warning:`` line, without the source line."""
+    click.echo(f"{PREFIX}: warning: {one_line(message)}", err=True)
+
+
 class _Cli(click.Group):
     """A group whose every expected error is one line on stderr with a documented exit code."""
 
@@ -155,9 +172,11 @@ class _Cli(click.Group):
         **extra: Any,
     ) -> Any:
         try:
-            code = super().main(
-                args, prog_name or PREFIX, complete_var, standalone_mode=False, **extra
-            )
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                code = super().main(
+                    args, prog_name or PREFIX, complete_var, standalone_mode=False, **extra
+                )
         except click.exceptions.NoArgsIsHelpError as e:
             click.echo(e.format_message(), err=True)
             code = EXIT_USAGE
@@ -616,15 +635,44 @@ def _cache_folder(cache_dir: Path | None) -> Path:
     return (cache_dir or default_cache_dir()).expanduser()
 
 
-@cli.group()
+CACHE_EXIT_CODES_HELP = """\b
+Exit codes:
+  0    success
+  1    unexpected error (e.g. the disk filled up while importing)
+  2    bad usage, or a cache that cannot be used: damaged (clear removes
+       it), or in a read-only folder
+  3    bad FILE: missing, not Parquet, a row whose key is not 64 hex digits
+       or whose value is not a JSON object (nothing is imported), or a
+       folder FILE cannot be written in"""
+
+
+@cli.group(epilog=CACHE_EXIT_CODES_HELP)
 def cache() -> None:
-    """Inspect or empty the on-disk cache of answers.
+    """Inspect, empty, export or import the on-disk cache of answers.
 
     \b
     Examples:
       polars-llm cache stats
       polars-llm cache clear --yes --cache-dir /data/llm-cache
+      polars-llm cache export answers.parquet     # on one machine
+      polars-llm cache import answers.parquet     # on another
     """
+
+
+def _open_store(folder: Path) -> ResultCache | None:
+    """The cache in ``folder``; None, with its one error line, when it cannot be used."""
+    try:
+        with warnings.catch_warnings():
+            # The command says what is wrong itself, in one line.
+            warnings.simplefilter("ignore", CacheWarning)
+            store = open_cache(folder)
+    except (ConfigError, OSError) as e:
+        _error(f"cannot open the cache {folder}: {e}")
+        return None
+    if store.problem is not None:
+        _error(store.problem)
+        return None
+    return store
 
 
 @cache.command()
@@ -635,11 +683,13 @@ def stats(cache_dir: Path | None) -> int:
     if not folder.exists():
         click.echo(f"folder:  {folder}\nentries: 0\nsize:    0 B (the folder does not exist)")
         return EXIT_OK
+    store = _open_store(folder)
+    if store is None:
+        return EXIT_USAGE
     try:
-        store = open_cache(folder)
         entries, size = len(store), store.volume()
-    except (ConfigError, OSError) as e:
-        _error(f"cannot open the cache {folder}: {e}")
+    except sqlite3.Error as e:
+        _error(f"cannot read the cache {folder} ({e}); 'polars-llm cache clear' removes it")
         return EXIT_USAGE
     click.echo(f"folder:  {folder}\nentries: {entries:,}\nsize:    {_bytes(size)}")
     return EXIT_OK
@@ -649,22 +699,33 @@ def stats(cache_dir: Path | None) -> int:
 @_cache_dir_option
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def clear(cache_dir: Path | None, yes: bool) -> int:
-    """Remove every cached answer (the next runs pay for their calls again)."""
+    """Remove every cached answer (the next runs pay for their calls again).
+
+    A damaged cache is removed whole, which lets the next run start afresh.
+    """
     folder = _cache_folder(cache_dir)
     if not folder.exists():
         click.echo(f"removed 0 entries: {folder} does not exist")
         return EXIT_OK
     try:
-        store = open_cache(folder)
-        entries = len(store)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)
+            store = open_cache(folder)
     except (ConfigError, OSError) as e:
         _error(f"cannot open the cache {folder}: {e}")
         return EXIT_USAGE
-    if not yes and entries:
+    if store.problem is not None and not store.damaged:
+        _error(store.problem)
+        return EXIT_USAGE
+    entries = len(store)
+    if not yes and (entries or store.damaged):
+        question = (
+            f"The cache in {folder} is damaged. Remove it?"
+            if store.damaged
+            else f"Remove all {entries:,} cached answers in {folder}?"
+        )
         try:
-            sure = click.confirm(
-                f"Remove all {entries:,} cached answers in {folder}?", default=False, err=True
-            )
+            sure = click.confirm(question, default=False, err=True)
         except click.Abort as e:
             if isinstance(e.__context__, KeyboardInterrupt):
                 raise
@@ -674,8 +735,62 @@ def clear(cache_dir: Path | None, yes: bool) -> int:
         if not sure:
             click.echo("nothing removed")
             return EXIT_OK
+    if store.damaged:
+        try:
+            remove_cache_files(folder)
+        except OSError as e:
+            _error(f"cannot remove the damaged cache in {folder}: {e.strerror or e}")
+            return EXIT_USAGE
+        click.echo(f"removed the damaged cache in {folder}")
+        return EXIT_OK
     removed = store.clear()
     click.echo(f"removed {removed:,} entries from {folder}")
+    return EXIT_OK
+
+
+@cache.command(name="export")
+@click.argument("file", metavar="FILE.parquet", type=click.Path(dir_okay=False, path_type=Path))
+@_cache_dir_option
+def export_(file: Path, cache_dir: Path | None) -> int:
+    """Write every cached answer to FILE.parquet (columns key and value, JSON text).
+
+    FILE appears atomically, once complete. Merge it into another machine's cache with
+    'polars-llm cache import FILE.parquet'.
+    """
+    folder = _cache_folder(cache_dir)
+    store = _open_store(folder)
+    if store is None:
+        return EXIT_USAGE
+    try:
+        written = store.export_parquet(file)
+    except OSError as e:
+        _error(
+            f"cannot write {file}: {e.strerror or e}; check that its folder exists and is writable"
+        )
+        return EXIT_INPUT
+    click.echo(f"exported {written:,} entries from {folder} to {file}")
+    return EXIT_OK
+
+
+@cache.command(name="import")
+@click.argument("file", metavar="FILE.parquet", type=click.Path(dir_okay=False, path_type=Path))
+@_cache_dir_option
+def import_(file: Path, cache_dir: Path | None) -> int:
+    """Add the answers of FILE.parquet (made by 'cache export') to the cache.
+
+    Every row is checked first; a bad file is refused whole, and nothing is imported. Answers
+    already in the cache are kept as they are.
+    """
+    folder = _cache_folder(cache_dir)
+    store = _open_store(folder)
+    if store is None:
+        return EXIT_USAGE
+    try:
+        added, kept = store.import_parquet(file)
+    except InputError as e:
+        _error(e)
+        return EXIT_INPUT
+    click.echo(f"imported {added:,} new entries into {folder}; kept {kept:,} already there")
     return EXIT_OK
 
 
