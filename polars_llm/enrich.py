@@ -26,8 +26,8 @@ import fcntl
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ColumnMismatch, InputError, TooManyFailures
+from .errors import ColumnMismatch, ConfigError, InputError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, StepPlan, check_steps, pipeline, plan
 from .prompt import placeholders
 from .settings import Settings
@@ -94,10 +94,13 @@ class EnrichRun:
     def run(self, steps: list[Step], settings: Settings) -> None:
         """Check ``steps`` against the input, then write the output or, for a dry run, the plan."""
         self.steps = steps
+        if self.report is not None:
+            _check_report_path(self.report, self.input, None if self.dry_run else self.output)
         pf = _open_parquet(self.input)
         self.total_rows = pf.metadata.num_rows
         columns = list(pf.schema_arrow.names)
         _check_against_input(steps, columns, self.input)
+        _check_column_types(steps, pf.schema_arrow, self.input)
         if self.total_rows == 0:
             raise InputError(
                 f"{self.input} has no rows (its columns: {', '.join(columns)}); "
@@ -145,6 +148,7 @@ class EnrichRun:
             self.max_failed_rows, math.floor(self.max_failed_rate * self.total_rows + 1e-9)
         )
         progress = _Progress(self.total_rows, self.progress)
+        bad_input = False
         try:
             with _AtomicParquet(self.output) as out:
                 for rb in _batches(pf, self.input, batch_size=self.batch_size):
@@ -182,8 +186,11 @@ class EnrichRun:
                     del df, enriched, added, table
                 out.commit()
                 self.committed = True
+        except InputError:
+            bad_input = True  # found mid-file: its one error line says it all, without a tally
+            raise
         finally:
-            progress.close(self.stats)
+            progress.close(self.stats, tally=not bad_input)
         failed = self.stats.rows_failed
         tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
         say(f"wrote {self.output}: {self.total_rows} rows{tail}")
@@ -315,6 +322,38 @@ def _check_against_input(steps: Sequence[Step], columns: Sequence[str], path: Pa
         raise InputError(f"{e} (input: {path})") from e
 
 
+# Arrow types a template cannot put into a prompt as text, and how to make text of them.
+_NOT_TEXT = (
+    (pa.types.is_list, "a list", ".list.join(', ')"),
+    (pa.types.is_large_list, "a list", ".list.join(', ')"),
+    (pa.types.is_fixed_size_list, "an array", ".arr.join(', ')"),
+    (pa.types.is_struct, "a struct", ".struct.json_encode()"),
+    (pa.types.is_map, "a map", ".list.eval(pl.element().struct.json_encode()).list.join(', ')"),
+    (pa.types.is_binary, "a binary", ".cast(pl.String)"),
+    (pa.types.is_large_binary, "a binary", ".cast(pl.String)"),
+    (pa.types.is_fixed_size_binary, "a binary", ".cast(pl.String)"),
+    (pa.types.is_union, "a union", ".cast(pl.String)"),
+)
+
+
+def _check_column_types(steps: Sequence[Step], schema: pa.Schema, path: Path) -> None:
+    """Raise InputError if a template names a column whose values are not text, numbers or dates."""
+    wanted = {n for s in steps for n in placeholders(s.template)}
+    for name in schema.names:
+        if name not in wanted:
+            continue
+        dtype = schema.field(name).type
+        if pa.types.is_dictionary(dtype):
+            dtype = dtype.value_type
+        for test, kind, fix in _NOT_TEXT:
+            if test(dtype):
+                raise InputError(
+                    f"column {name!r} of {path} is {kind} column ({dtype}); a template can only "
+                    "name text, number, boolean and date/time columns: write it as text first, "
+                    f"e.g. with polars: pl.col({name!r}){fix}"
+                )
+
+
 def _needed_columns(steps: Sequence[Step], columns: Sequence[str]) -> list[str]:
     wanted = {n for s in steps for n in placeholders(s.template)}
     return [c for c in columns if c in wanted]
@@ -324,8 +363,17 @@ def _to_polars(rb: pa.RecordBatch, needed: list[str], path: Path) -> pl.DataFram
     """The columns the templates read, as a polars DataFrame (zero columns if none)."""
     if not needed:
         return pl.DataFrame(height=rb.num_rows)
+    selected = rb.select(needed)
     try:
-        return pl.from_arrow(rb.select(needed))
+        # Parquet does not check that text is UTF-8; Polars would panic on it.
+        selected.validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise InputError(
+            f"{path} holds text that is not valid UTF-8 in columns {', '.join(needed)} "
+            f"({one_line(e)}); re-encode it as UTF-8"
+        ) from e
+    try:
+        return pl.from_arrow(selected)
     except Exception as e:  # an Arrow type polars cannot read
         raise InputError(f"cannot read columns {', '.join(needed)} of {path}: {one_line(e)}") from e
 
@@ -352,6 +400,25 @@ def _check_folder(path: Path, what: str) -> None:
         ) from e
     with contextlib.suppress(OSError):
         probe.unlink()
+
+
+def _check_report_path(report: Path, input: Path, output: Path | None) -> None:
+    """Raise ConfigError if the --report file would overwrite the input or the output."""
+    for what, path in (("input", input), ("output", output)):
+        if path is not None and _same_file(report, path):
+            raise ConfigError(
+                f"--report {report} names the {what} file; give the report its own file, "
+                "e.g. --report run.json"
+            )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 def _temp_prefix(path: Path) -> str:
@@ -394,8 +461,15 @@ class _AtomicParquet:
     def __enter__(self) -> _AtomicParquet:
         # A unique name (two containers may share a pid) and an exclusive lock held while the
         # file is written, which tells other runs it is not abandoned.
-        fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=_temp_prefix(self.path))
-        self.tmp = Path(name)
+        # Created with mode 0o666 like any new file, so the umask decides who may read it
+        # (mkstemp's 0o600 would take the readers of a 0o644 output away).
+        while True:
+            self.tmp = self.path.with_name(_temp_prefix(self.path) + secrets.token_hex(8))
+            try:
+                fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                continue
         self.fh = os.fdopen(fd, "wb")  # closed in commit or __exit__
         fcntl.flock(self.fh, fcntl.LOCK_EX)
         return self
@@ -505,11 +579,11 @@ class _Progress:
                 self.last_log = now
                 click.echo(self.line(stats), err=True)
 
-    def close(self, stats: PipelineStats) -> None:
+    def close(self, stats: PipelineStats, tally: bool = True) -> None:
         if self.mode == "bar":
             self.update(stats)
             self.bar.close()
-        elif self.mode == "log":
+        elif self.mode == "log" and tally:
             click.echo(self.line(stats), err=True)
 
 

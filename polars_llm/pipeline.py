@@ -13,6 +13,8 @@ import asyncio
 import difflib
 import json
 import sys
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,17 +131,92 @@ def load_pipeline(path: str | Path) -> tuple[list[Step], dict[str, Any]]:
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise ConfigError(f"cannot read the pipeline file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"the pipeline file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+            "save it as UTF-8"
+        ) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"the pipeline file {path} is not valid TOML: {e}") from e
     steps_table = data.get("steps")
     if not isinstance(steps_table, dict) or not steps_table:
         raise ConfigError(f"{path} has no [steps.NAME] tables; see `polars-llm enrich --help`")
+    for name, table in steps_table.items():
+        _check_step_table(path, name, table)
     steps = [Step.from_mapping(name, table) for name, table in steps_table.items()]
-    settings = dict(data.get("settings", {}))
-    return steps, settings
+    settings = data.get("settings", {})
+    _check_settings_table(path, settings)
+    return steps, dict(settings)
+
+
+# What each key of a [steps.NAME] table must hold, and how to say it.
+_STEP_KEY_TYPES: dict[str, tuple[type, str]] = {
+    "prompt": (str, 'a string, e.g. prompt = "Summarize: {text}"'),
+    "model": (str, 'a string, e.g. model = "gpt-4o-mini"'),
+    "system": (str, 'a string, e.g. system = "You are a terse analyst."'),
+    "params": (dict, "a table, e.g. params = { temperature = 0.3 }"),
+    "schema": (dict, 'a JSON-schema table, e.g. schema = { type = "object", ... }'),
+    "labels": (list, 'a list of strings, e.g. labels = ["positive", "negative"]'),
+}
+
+
+def _check_step_table(path: Path, name: str, table: object) -> None:
+    """Raise ConfigError, naming the key and the type it needs, for a wrongly typed step table."""
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{path}: steps.{name} must be a table ([steps.{name}] with prompt = ...), "
+            f"got {table!r}"
+        )
+    for key, value in table.items():
+        expected = _STEP_KEY_TYPES.get(key)
+        if expected is None:
+            continue  # Step.from_mapping names unknown keys
+        kind, example = expected
+        ok = isinstance(value, kind)
+        if isinstance(value, list):
+            ok = ok and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise ConfigError(f"{path}: [steps.{name}] {key} must be {example}; got {value!r}")
+
+
+def _check_settings_table(path: Path, table: object) -> None:
+    """Raise ConfigError for a [settings] value whose type the setting cannot take."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: settings must be a [settings] table, got {table!r}")
+    hints = typing.get_type_hints(Settings)
+    for key, value in table.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise ConfigError(f"{path}: [settings] {key} must be {_describe(hint)}; got {value!r}")
+
+
+def _fits(value: object, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint is Path:
+        return isinstance(value, str)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_describe(a) for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(dict.fromkeys(kinds))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    return names.get(hint, "a string" if hint is Path else str(hint))
 
 
 def check_steps(steps: Sequence[Step], columns: Sequence[str]) -> None:

@@ -607,3 +607,133 @@ def test_abandoned_temp_files_are_removed_but_live_ones_kept(
     finally:
         holder.kill()
         holder.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Robustness: permissions, --report, column types, text encoding, pipeline file values
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_output_permissions_follow_the_umask(
+    server: FakeServer, tmp_path: Path, umask: int, mode: int
+) -> None:
+    """The output file gets the mode any new file would get under the caller's umask."""
+    src, out = write(reviews(), tmp_path / "in.parquet"), tmp_path / "out.parquet"
+    shell = ["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh"]
+    command = [sys.executable, "-m", "polars_llm.cli", "enrich", str(src), str(out)]
+    proc = subprocess.run(
+        [*shell, *command, "--step", SENTIMENT, *endpoint(server)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_mode & 0o777 == mode
+
+
+@pytest.mark.parametrize("target", ["input", "output"])
+def test_report_naming_the_input_or_output_is_refused(
+    server: FakeServer, tmp_path: Path, target: str
+) -> None:
+    """--report naming INPUT or OUTPUT exits 2 with one line before anything runs."""
+    src, out = write(reviews(), tmp_path / "in.parquet"), tmp_path / "out.parquet"
+    before = src.read_bytes()
+    named = {"input": tmp_path / "." / "in.parquet", "output": out}[target]
+    proc = run(
+        [
+            "enrich",
+            str(src),
+            str(out),
+            "--step",
+            SENTIMENT,
+            *endpoint(server),
+            "--report",
+            str(named),
+        ]
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"polars-llm: error: --report {named} names the {target} file; give the report its own "
+        "file, e.g. --report run.json"
+    ]
+    assert src.read_bytes() == before and not out.exists()
+    assert server.stats().calls == 0
+
+
+def _unusable_columns(folder: Path) -> Path:
+    path = folder / "typed.parquet"
+    pl.DataFrame(
+        {
+            "text": ["a", "b"],
+            "tags": [["x", "y"], ["z"]],
+            "blob": [b"\x00\x01", b"\x02"],
+            "point": [{"x": 1, "y": 2}, {"x": 3, "y": 4}],
+        }
+    ).with_columns(pair=pl.concat_list("text", "text").list.to_array(2)).write_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("column", "kind"),
+    [("tags", "a list"), ("pair", "an array"), ("blob", "a binary"), ("point", "a struct")],
+)
+def test_a_template_naming_a_list_array_binary_or_struct_column_exits_3(
+    server: FakeServer, tmp_path: Path, column: str, kind: str
+) -> None:
+    """A column that is not text, numbers or dates is bad input: one line, exit 3, no calls."""
+    src, out = _unusable_columns(tmp_path), tmp_path / "out.parquet"
+    proc = run(["enrich", str(src), str(out), "--step", f"s=Say {{{column}}}", *endpoint(server)])
+    assert proc.returncode == 3, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"polars-llm: error: column '{column}' of {src} is {kind} column")
+    assert f"pl.col('{column}')." in line
+    assert server.stats().calls == 0 and not out.exists() and leftovers(tmp_path) == []
+
+
+def test_text_that_is_not_utf8_exits_3(server: FakeServer, tmp_path: Path) -> None:
+    """A Parquet text column holding Latin-1 bytes is bad input: one line, exit 3, no output."""
+    import pyarrow as pa
+
+    latin = pa.array(["fine", None, "caf\xe9"], pa.large_string())
+    raw = pa.array([b"fine", None, "caf\xe9".encode("latin-1")], pa.large_binary())
+    src, out = tmp_path / "latin.parquet", tmp_path / "out.parquet"
+    # Parquet stores text as bytes and does not check them: label Latin-1 bytes as text.
+    pq.write_table(pa.table({"t": raw.view(latin.type)}), src)
+    proc = run(["enrich", str(src), str(out), "--step", "s=Say {t}", *endpoint(server)])
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"polars-llm: error: {src} holds text that is not valid UTF-8 in columns t (In column 0: "
+        "Invalid: Invalid UTF8 sequence at string index 2); re-encode it as UTF-8"
+    ]
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("toml", "hint"),
+    [
+        (
+            '[settings]\nconcurrency = "x"\n',
+            "[settings] concurrency must be a whole number; got 'x'",
+        ),
+        ('[steps.s]\nprompt = "Say {review}"\nlabels = 3\n', "labels must be a list of strings"),
+        ('[steps.s]\nprompt = "Say {review}"\nparams = 5\n', "params must be a table"),
+        ('[steps.s]\nprompt = "Say {review}"\nmodel = 5\n', "model must be a string"),
+        ("[steps]\ns = 3\n", "steps.s must be a table"),
+        ('[steps.s]\nprompt = "Say {review} caf\xe9"\n', "is not UTF-8 text"),
+    ],
+)
+def test_wrongly_typed_pipeline_file_values_exit_2(
+    server: FakeServer, tmp_path: Path, toml: str, hint: str
+) -> None:
+    """A pipeline value of the wrong type, or a file not in UTF-8: one line naming it, exit 2."""
+    pipeline_file = tmp_path / "pipeline.toml"
+    pipeline_file.write_bytes(toml.encode("latin-1"))
+    if "[steps" not in toml:
+        with pipeline_file.open("a") as fh:
+            fh.write('[steps.s]\nprompt = "Say {review}"\n')
+    src, out = write(reviews(), tmp_path / "in.parquet"), tmp_path / "out.parquet"
+    proc = run(["enrich", str(src), str(out), "--pipeline", str(pipeline_file), *endpoint(server)])
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"polars-llm: error: {pipeline_file}") or "pipeline file" in line
+    assert hint in line
+    assert server.stats().calls == 0 and not out.exists()
