@@ -822,7 +822,7 @@ async def _recent_batches(client: openai.AsyncOpenAI, base_url: str) -> Any:
     for _ in range(RECOVER_PAGES):
         page = await _call(
             base_url,
-            client.batches.list(limit=100, **({"after": after} if after else {})),
+            client.batches.list(limit=100, after=after if after else openai.omit),
         )
         for batch in page.data:
             if batch.created_at < oldest:
