@@ -53,6 +53,7 @@ and defers again).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -64,7 +65,16 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,13 +245,33 @@ class Ledger:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[dict[str, LedgerEntry]]:
-        """The entries, to change under an exclusive lock; written back atomically on exit."""
+        """The entries, to change under an exclusive lock; written back atomically on exit.
+
+        For threads other than an event loop's: it blocks while another holds the lock.
+        """
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / "ledger.lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             entries = self.read()
             yield entries
             self.write(entries)
+
+    @contextlib.asynccontextmanager
+    async def alocked(self) -> AsyncIterator[dict[str, LedgerEntry]]:
+        """``locked`` for coroutines: the loop keeps running while the lock is awaited.
+
+        Coroutines of one loop queue on an asyncio lock (a second flock from the loop's thread
+        would block the loop, and with it the holder, for good); the file lock, which keeps
+        other processes out, is awaited on a thread of its own.
+        """
+        self.folder.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        async with _loop_lock(loop, self.path):
+            with open(self.folder / "ledger.lock", "a+") as lock:
+                await loop.run_in_executor(_FLOCK_WAITER, fcntl.flock, lock, fcntl.LOCK_EX)
+                entries = self.read()
+                yield entries
+                self.write(entries)
 
     def write(self, entries: Mapping[str, LedgerEntry]) -> None:
         data = {
@@ -265,6 +295,22 @@ class Ledger:
     def forget_keys(self, input_file_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.keys_path(input_file_id).unlink()
+
+
+# One thread that waits for other processes' ledger locks, so the event loop never does (and
+# the loop's default executor, which resolves host names, is never filled with waiters).
+_FLOCK_WAITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="polars-llm-ledger")
+_LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_lock(loop: asyncio.AbstractEventLoop, path: Path) -> asyncio.Lock:
+    locks = _LOOP_LOCKS.setdefault(loop, {})
+    lock = locks.get(path)
+    if lock is None:
+        lock = locks[path] = asyncio.Lock()
+    return lock
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -559,7 +605,7 @@ class BatchSession:
         """Submit the keys of ``todo`` not pending yet; the ids of every batch they wait on."""
         if not self.ledger.exists():
             await self._recover(client)
-        with self.ledger.locked() as entries:
+        async with self.ledger.alocked() as entries:
             await self._adopt_unfinished(client, entries)
             waits_on: set[str] = set()
             pending: set[str] = set()
@@ -674,7 +720,7 @@ class BatchSession:
                 batch_id=batch.id,
                 status=batch.status,
             )
-        with self.ledger.locked() as entries:
+        async with self.ledger.alocked() as entries:
             for k, e in found.items():
                 entries.setdefault(k, e)
 
@@ -684,7 +730,7 @@ class BatchSession:
         statuses = [
             BatchStatus.of(await _call(self.base_url, client.batches.retrieve(i))) for i in ids
         ]
-        self._record(statuses)
+        await self._record(statuses)
         self.progress = progress_of(statuses)
         if self.on_progress is not None:
             self.on_progress(self.progress)
@@ -717,9 +763,9 @@ class BatchSession:
             await asyncio.sleep(delay)
             delay = min(self.poll_max, delay * POLL_GROWTH)
 
-    def _record(self, statuses: Sequence[BatchStatus]) -> None:
+    async def _record(self, statuses: Sequence[BatchStatus]) -> None:
         by_id = {s.id: s for s in statuses}
-        with self.ledger.locked() as entries:
+        async with self.ledger.alocked() as entries:
             for entry in entries.values():
                 s = by_id.get(entry.batch_id or "")
                 if s is None or entry.collected:
@@ -747,7 +793,7 @@ class BatchSession:
                 continue
             keys = self.ledger.keys(entry.input_file_id)
             if batch.status == "failed":
-                self._mark_collected(entry, batch)
+                await self._mark_collected(entry, batch)
                 raise BatchAborted(
                     f"batch {batch.id} ({entry.lines} lines, model {entry.model}) failed "
                     f"validation: {'; '.join(batch.errors) or 'no reason given'}. Nothing of it "
@@ -771,7 +817,7 @@ class BatchSession:
                 if key not in seen:
                     got.retry[key] = f"not in the batch's files (batch {batch.status})"
             self.cache.flush()
-            self._mark_collected(entry, batch)
+            await self._mark_collected(entry, batch)
 
     def _take_line(
         self,
@@ -797,8 +843,8 @@ class BatchSession:
         else:
             got.retry[key] = why
 
-    def _mark_collected(self, entry: LedgerEntry, batch: BatchStatus) -> None:
-        with self.ledger.locked() as entries:
+    async def _mark_collected(self, entry: LedgerEntry, batch: BatchStatus) -> None:
+        async with self.ledger.alocked() as entries:
             current = entries.get(entry.input_file_id)
             if current is None:
                 return
