@@ -266,3 +266,22 @@ def test_a_pipeline_file_turns_batch_on(src: Path, tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert server.stats().batch_lines == 10 and server.stats().chat_calls == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--no-wait"], "--no-wait goes with --batch"),
+        (["--batch", "--no-cache"], "the Batch API keeps its answers and its ledger in the cache"),
+    ],
+)
+def test_batch_options_that_cannot_work_are_one_line_errors(
+    src: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    """--no-wait without --batch, and --batch without a cache, exit 2 with what to do."""
+    with FakeServer() as server:
+        done = cli(enrich(server, src, tmp_path / "o.parquet", *extra))
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "o.parquet").exists()
+        assert server.stats().batches_created == 0
