@@ -504,16 +504,10 @@ class BatchSession:
         """Outcomes of the misses of an engine ``Batch``, sent as Batch API jobs."""
         from .engine import Outcome
 
-        path = PATHS[batch.kind]
-        if batch.kind == "embed":
-            bodies = {
-                k: {"model": batch.model, "input": t, **batch.params}
-                for k, t in zip(keys, texts, strict=True)
-            }
-        else:
-            bodies = {k: batch.template.body(t) for k, t in zip(keys, texts, strict=True)}
-
-        self.send(bodies, path=path, accept=lambda key, entry: _accept(batch, entry))
+        misses = {k: (batch, t) for k, t in zip(keys, texts, strict=True)}
+        self.send(
+            _Bodies(misses), path=PATHS[batch.kind], accept=lambda key, entry: _accept(batch, entry)
+        )
         found = self.cache.get_many(list(keys))
         outcomes: list[Outcome] = []
         for key, hit in zip(keys, found, strict=True):
@@ -537,12 +531,13 @@ class BatchSession:
 
         Returns the row error of each key that failed. Blocks (on the engine loop) unless the
         session does not wait, in which case it raises :class:`BatchPending` while batches run.
+        A body is read from ``requests`` only when its line is written, so a mapping that
+        renders bodies on demand keeps memory to the keys.
         """
         from .engine import engine_loop
 
-        todo = {k: b for k, b in requests.items() if k not in self.errors}
-        if todo:
-            engine_loop().run(self.send_async(todo, path=path, accept=accept))
+        if any(k not in self.errors for k in requests):
+            engine_loop().run(self.send_async(requests, path=path, accept=accept))
         return {k: self.errors[k] for k in requests if k in self.errors}
 
     async def send_async(
@@ -553,14 +548,14 @@ class BatchSession:
         accept: Accept | None = None,
     ) -> None:
         """The rounds, on the running loop: submit, wait, collect, resubmit what failed."""
-        todo = dict(requests)
+        todo = [k for k in requests if k not in self.errors]
         reasons: dict[str, str] = {}
         async with _client(self.base_url, self.api_key) as client:
             for round_no in range(self.max_rounds + 1):
                 todo = self._uncached(todo)
                 if not todo:
                     return
-                ids = await self._submit(client, todo, path, round_no)
+                ids = await self._submit(client, requests, todo, path, round_no)
                 got = Collected()
                 ours = set(todo)
                 if self.wait:
@@ -578,31 +573,31 @@ class BatchSession:
                         )
                 self.errors.update({k: e for k, e in got.fatal.items() if k in todo})
                 reasons.update(got.retry)
-                todo = {
-                    k: b
-                    for k, b in todo.items()
+                todo = [
+                    k
+                    for k in todo
                     if k not in got.answered and k not in got.fatal and k not in self.errors
-                }
+                ]
         for key in todo:
             why = reasons.get(key, "no answer")
             self.errors[key] = ServerError(
                 f"the Batch API gave no answer after {self.max_rounds + 1} round(s); last: {why}"
             )
 
-    def _uncached(self, requests: dict[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-        keys = list(requests)
-        found = self.cache.get_many(keys)
-        return {k: requests[k] for k, hit in zip(keys, found, strict=True) if hit is None}
+    def _uncached(self, keys: list[str]) -> list[str]:
+        return [k for k, hit in zip(keys, self.cache.get_many(keys), strict=True) if hit is None]
 
     # -- submitting ----------------------------------------------------------------------------
     async def _submit(
         self,
         client: openai.AsyncOpenAI,
-        todo: Mapping[str, Mapping[str, Any]],
+        requests: Mapping[str, Mapping[str, Any]],
+        todo: Sequence[str],
         path: str,
         round_no: int,
     ) -> list[str]:
         """Submit the keys of ``todo`` not pending yet; the ids of every batch they wait on."""
+        wanted = set(todo)
         if not self.ledger.exists():
             await self._recover(client)
         async with self.ledger.alocked() as entries:
@@ -612,11 +607,11 @@ class BatchSession:
             for entry in entries.values():
                 if entry.collected or entry.batch_id is None or entry.base_url != self.base_url:
                     continue
-                keys = set(self.ledger.keys(entry.input_file_id)) & todo.keys()
+                keys = wanted.intersection(self.ledger.keys(entry.input_file_id))
                 if keys:
                     waits_on.add(entry.batch_id)
                     pending |= keys
-            fresh = [(k, b) for k, b in todo.items() if k not in pending]
+            fresh = ((k, requests[k]) for k in todo if k not in pending)
             for shard in shards(fresh, path):
                 entry = await self._create(client, shard, path, round_no, entries)
                 assert entry.batch_id is not None
@@ -1126,7 +1121,7 @@ def session_for(settings: Settings) -> BatchSession:
     return current_run().session(settings)
 
 
-Misses = dict[tuple["BatchSession", str], dict[str, tuple["Batch", dict[str, Any]]]]
+Misses = dict[tuple["BatchSession", str], dict[str, tuple["Batch", str]]]
 
 
 @dataclass
@@ -1135,7 +1130,7 @@ class Evaluation:
 
     results: list[list[Any]]
     errors: list[str | None]
-    # Per session and endpoint path, the requests still to send: key -> (engine batch, body).
+    # Per session and endpoint path, the requests still to send: key -> (engine batch, text).
     misses: Misses
     cached: int = 0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
@@ -1197,7 +1192,7 @@ def evaluate(
                 ev.failed_by_reason[error.reason] = ev.failed_by_reason.get(error.reason, 0) + 1
                 continue
             where = (session, PATHS[batch.kind])
-            ev.misses.setdefault(where, {})[key] = (batch, batch.template.body(texts[i]))
+            ev.misses.setdefault(where, {})[key] = (batch, texts[i])
         alive = still
     return ev
 
@@ -1232,10 +1227,29 @@ def run_in_rounds(
         previous = keys
         for (session, path), found in misses.items():
             session.send(
-                {k: body for k, (_, body) in found.items()},
+                _Bodies(found),
                 path=path,
                 accept=functools.partial(_accept_found, found),
             )
+
+
+class _Bodies(Mapping[str, Mapping[str, Any]]):
+    """Request bodies rendered when read: a round holds the prompts, not their bodies."""
+
+    def __init__(self, found: Mapping[str, tuple[Batch, str]]) -> None:
+        self.found = found
+
+    def __getitem__(self, key: str) -> Mapping[str, Any]:
+        batch, text = self.found[key]
+        if batch.kind == "embed":
+            return {"model": batch.model, "input": text, **batch.params}
+        return batch.template.body(text)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.found)
+
+    def __len__(self) -> int:
+        return len(self.found)
 
 
 def _accept_found(
