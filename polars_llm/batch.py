@@ -24,6 +24,14 @@ The misses of a call (request key -> request body) go out as Batch API jobs thro
 
 The API, for callers that wait in their own way (an Airflow trigger, a cron job):
 
+``EnrichRun(..., wait=False).run(steps, settings.replace(batch=True))``
+    The CLI's run (:mod:`polars_llm.enrich`): submits the next round and raises
+    :class:`BatchPending` (``batch_ids``, ``base_url``) while batches run; once every answer is
+    cached it writes the output like a synchronous run.
+``BatchRun(wait=..., on_progress=...)`` and ``with active(run): ...``
+    One job's sessions (one per endpoint and cache folder): ``run_in_rounds(frames, steps,
+    settings, run)`` sends dependent steps as successive rounds over frames read from the cache;
+    batch-mode calls made inside ``active(run)`` on this thread share its sessions and errors.
 ``BatchSession(settings, wait=True)``
     One run's view of the Batch API for an endpoint: ``complete(batch, texts, keys)`` is the
     engine's hook (misses in, outcomes out) and ``send(requests)`` runs the rounds for a mapping
