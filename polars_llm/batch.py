@@ -313,6 +313,17 @@ _LOOP_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asy
 )
 
 
+def _forget_waiter_in_child() -> None:
+    # A forked child (an Airflow task, a Ray worker) has the parent's executor but not its
+    # thread: it would queue its waits behind a thread that does not exist.
+    global _FLOCK_WAITER, _LOOP_LOCKS
+    _FLOCK_WAITER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="polars-llm-ledger")
+    _LOOP_LOCKS = weakref.WeakKeyDictionary()
+
+
+os.register_at_fork(after_in_child=_forget_waiter_in_child)
+
+
 def _loop_lock(loop: asyncio.AbstractEventLoop, path: Path) -> asyncio.Lock:
     locks = _LOOP_LOCKS.setdefault(loop, {})
     lock = locks.get(path)
