@@ -132,6 +132,30 @@ def test_a_lone_surrogate_is_skipped_and_the_other_answers_are_written(tmp_path:
     cache.close()
 
 
+def test_answers_written_together_are_all_stored_and_counted(tmp_path: Path) -> None:
+    """Many answers written in one transaction are all on disk, counted once each, and an
+    overwritten answer that lived in a value file leaves no file behind."""
+    cache = ResultCache(tmp_path)
+    cache.put(key(0), {"text": "x" * 100_000})  # too big to store inline: a value file
+    cache.flush()
+    assert len(list(tmp_path.glob("*/*/*.val"))) == 1
+    with writes_blocked(tmp_path):  # all of these go in one transaction
+        for i in range(1, 1001):
+            cache.put(key(i), {"text": f"answer {i}"})
+        cache.put(key(0), {"text": "short now"})
+        cache.put(key(5), {"text": "answer 5, again"})
+    cache.flush()
+    fresh = ResultCache(tmp_path)
+    assert len(fresh) == 1001
+    assert fresh.get_many([key(0), key(5), key(1000)]) == [
+        {"text": "short now"},
+        {"text": "answer 5, again"},
+        {"text": "answer 1000"},
+    ]
+    assert list(tmp_path.glob("*/*/*.val")) == []
+    cache.close()
+
+
 FILE_LIMIT = """
 import resource, signal, sys
 from polars_llm.cache import ResultCache
