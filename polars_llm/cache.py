@@ -8,7 +8,10 @@ Writes go through one writer thread per cache, which drains everything queued in
 transaction: the event loop never waits on an SQLite write, a busy run batches its writes, and a
 quiet one writes each result as soon as it arrives (a crash keeps what was answered). Until the
 writer has committed an answer, lookups find it in a pending overlay, so a lookup right after a
-``put`` (the streaming engine's next morsel) never pays for it again.
+``put`` (the streaming engine's next morsel) never pays for it again. The answers written lately
+stay in memory too (up to 64 MiB of text): ``peek(key)`` finds them without touching SQLite, cheap
+enough for the event loop right before a call is paid for. Lookups all happen at the start of a
+batch, so a batch must ``peek`` again before sending: another batch may have been answered since.
 
 A cache that cannot be used never stops a run. A damaged database or a read-only folder makes
 the whole cache a miss (``problem`` says why) and an unreadable entry (not JSON, not an object, a
@@ -35,6 +38,7 @@ import sqlite3
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,8 @@ _OPEN_TIMEOUT = 120.0
 # How long one SQLite statement waits for another process's write transaction.
 _SQLITE_TIMEOUT = 30.0
 _LOCK_FILE = ".polars-llm-open.lock"
+# Characters of recently written answers kept in memory for peek (and lookups).
+_RECENT_BYTES = 64 * 2**20
 # What diskcache keeps in a cache folder: the database and two levels of value-file folders.
 _DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
 _VALUE_DIR = re.compile(r"[0-9a-f]{2}")
@@ -125,6 +131,10 @@ class ResultCache:
         self._writer_lock = threading.Lock()
         # Answers put but not yet committed: key -> JSON text.
         self._pending: dict[str, str] = {}
+        # Answers committed lately, oldest first, up to _RECENT_BYTES of text: peek finds them
+        # without SQL, so a call about to be sent can check for an answer that just arrived.
+        self._recent: OrderedDict[str, str] = OrderedDict()
+        self._recent_size = 0
         self._pending_lock = threading.Lock()
         self._errors: dict[object, BaseException] = {}
 
@@ -141,9 +151,9 @@ class ResultCache:
         """
         found: dict[str, str] = {}
         with self._pending_lock:
-            if self._pending:
+            if self._pending or self._recent:
                 for k in keys:
-                    text = self._pending.get(k)
+                    text = self._pending.get(k) or self._recent.get(k)
                     if text is not None:
                         found[k] = text
         rest = [k for k in keys if k not in found] if found else keys
@@ -222,6 +232,17 @@ class ResultCache:
         """The cached result of one key, or None."""
         return self.get_many([key])[0]
 
+    def peek(self, key: str) -> dict[str, Any] | None:
+        """An answer this process put lately (on disk or not yet), without reading the disk.
+
+        Cheap enough for the event loop: check it right before paying for a call, since another
+        batch (the streaming engine's next morsel) may have received the answer after this one
+        looked the key up.
+        """
+        with self._pending_lock:
+            text = self._pending.get(key) or self._recent.get(key)
+        return self._decode(text)
+
     # -- writes --------------------------------------------------------------------------------
     def put(self, key: str, value: dict[str, Any], owner: object = None) -> None:
         """Queue a result for writing; returns at once. ``flush(owner)`` waits until it is on disk.
@@ -286,6 +307,7 @@ class ResultCache:
     def _write(self, entries: list[tuple[str, str, object]]) -> None:
         cache = self._cache
         assert cache is not None
+        written = entries
         try:
             try:
                 with cache.transact():
@@ -294,9 +316,11 @@ class ResultCache:
                     cache.disk.remove(filename)
             except Exception:
                 # One by one, so one answer that cannot be stored fails only itself.
+                written = []
                 for key, text, owner in entries:
                     try:
                         cache.set(key, text)
+                        written.append((key, text, owner))
                     except ValueError as e:  # a lone surrogate: not encodable as UTF-8
                         self._warn(
                             "unstorable",
@@ -307,6 +331,11 @@ class ResultCache:
                         self._errors.setdefault(owner, e)
         finally:
             with self._pending_lock:
+                for key, text, _ in written:
+                    self._recent_size += len(text) - len(self._recent.pop(key, ""))
+                    self._recent[key] = text
+                while self._recent_size > _RECENT_BYTES:
+                    self._recent_size -= len(self._recent.popitem(last=False)[1])
                 for key, text, _ in entries:
                     # A later put of the same key stays pending until it is written too.
                     if self._pending.get(key) is text:
@@ -323,6 +352,9 @@ class ResultCache:
     def clear(self) -> int:
         """Remove every entry; returns how many there were."""
         self.flush()
+        with self._pending_lock:
+            self._recent.clear()
+            self._recent_size = 0
         if self._cache is None:
             return 0
         return int(self._cache.clear())

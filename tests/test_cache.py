@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from polars_llm import cache as cache_module
 from polars_llm.cache import CacheWarning, ResultCache
 from polars_llm.testing import FakeServer
 
@@ -108,6 +109,26 @@ def test_an_answer_is_found_before_it_reaches_the_disk(tmp_path: Path) -> None:
     cache.flush()
     assert json.loads(on_disk(tmp_path)[key(1)]) == {"text": "pending"}
     assert ResultCache(tmp_path).get(key(1)) == {"text": "pending"}
+    cache.close()
+
+
+def test_peek_finds_answers_put_lately_without_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """peek finds pending and lately written answers in memory, the oldest leaving past the cap."""
+    monkeypatch.setattr(cache_module, "_RECENT_BYTES", 100)
+    cache = ResultCache(tmp_path)
+    with writes_blocked(tmp_path):
+        cache.put(key(1), {"text": "a" * 40})
+        assert cache.peek(key(1)) == {"text": "a" * 40}  # not on disk yet
+    cache.flush()
+    for i in (2, 3):
+        cache.put(key(i), {"text": str(i) * 40})
+        cache.flush()
+    assert cache.peek(key(1)) is None  # past the cap: only on disk now
+    assert cache.get(key(1)) == {"text": "a" * 40}
+    assert cache.peek(key(3)) == {"text": "3" * 40}
+    assert cache.peek(key(4)) is None
     cache.close()
 
 
