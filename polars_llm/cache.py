@@ -481,7 +481,17 @@ def _open_lock(folder: Path) -> Iterator[None]:
     """
     fd = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # An opener that hangs (stopped, stuck on NFS) must not hold every other one forever:
+        # past the deadline, open without the lock and rely on SQLite's own busy handling.
+        deadline = time.monotonic() + _OPEN_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
         yield
     finally:
         os.close(fd)
