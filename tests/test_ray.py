@@ -4,21 +4,26 @@ server over real HTTP. Ray starts once for the whole module (about 2 s and 0.5 G
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
+import psutil
 import pytest
 import ray
 import ray.data
 from click.testing import CliRunner
 
-from polars_llm import ConfigError, Settings, Step
+from polars_llm import ConfigError, Settings, Step, plan
 from polars_llm.cli import cli
 from polars_llm.ray import ClusterState, RayState, _Secret, enrich
 from polars_llm.shared import SharedState
@@ -320,3 +325,44 @@ def test_cli_bad_key_is_one_line_and_exit_5(session_dir: Path, tmp_path: Path) -
     assert result.returncode == 5, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("polars-llm: error: aborted:")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def _kill_a_worker_after(server: FakeServer, calls: int, killed: list[int]) -> threading.Thread:
+    """SIGKILL one Ray worker of this test's cluster once the server has seen ``calls`` calls."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 240
+        while server.stats().calls < calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for proc in psutil.Process().children(recursive=True):  # our own Ray's processes only
+            with contextlib.suppress(psutil.Error):
+                if "_Enrich" in " ".join(proc.cmdline()):
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
+                    return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_killed_worker_then_a_rerun_pays_only_what_was_lost(session_dir: Path) -> None:
+    """SIGKILL of a worker mid-run; a rerun then pays only for the prompts with no cached answer."""
+    texts = prompts()
+    steps = [Step("a", "{text}")]
+    with FakeServer(latency=0.05) as server:
+        config = settings(server, concurrency=8)
+        killed: list[int] = []
+        killer = _kill_a_worker_after(server, 150, killed)
+        with contextlib.suppress(Exception):  # Ray may retry the lost batch, or give up on it
+            collect(enrich(dataset(texts), steps, config, workers=WORKERS))
+        killer.join()
+        frame = pl.DataFrame({"text": texts})
+        lost = sum(p.to_send for p in plan(frame, steps, settings=config))
+        before = server.stats().calls
+        out = collect(enrich(dataset(texts), steps, config, workers=WORKERS))
+        rerun = server.stats().calls - before
+    assert len(killed) == 1
+    assert before >= 150
+    assert out["a"].to_list() == [f"echo: {t}" for t in texts]
+    assert rerun <= lost
