@@ -15,6 +15,10 @@ import polars_llm
 from polars_llm.settings import Settings
 from polars_llm.testing import FakeServer
 
+# The operator needs Airflow, which has a virtualenv of its own (.venv-airflow): its doctests are
+# not collected here, and tests/test_airflow.py runs it under that virtualenv's `airflow` command.
+collect_ignore = ["polars_llm/airflow.py"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:

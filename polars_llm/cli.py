@@ -537,42 +537,44 @@ def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:
             f"pending; rerun the same command later (batches: {ids}). Nothing was written to "
             f"{run.output}"
         )
-    except InputError as e:
-        code, error = EXIT_INPUT, str(e)
-        _error(e)
-    except ConfigError as e:  # TemplateError included
-        code, error = EXIT_USAGE, str(e)
-        _error(e)
-    except TooManyFailures as e:
-        code, error = EXIT_FAILURES, str(e)
-        _error(e)
-    except BatchAborted as e:
-        code, error = EXIT_ABORTED, _aborted_message(e)
-        _error(error)
-    except PolarsLLMError as e:
-        code, error = EXIT_ERROR, str(e)
-        _error(e)
-    except ImportError as e:
-        code = EXIT_USAGE
-        error = (
-            f"{e}. With no endpoint configured polars-llm runs the embedded model, which needs "
-            "`pip install 'polars-llm[local]'`; or give --base-url/--api-key "
-            "($OPENAI_BASE_URL/$OPENAI_API_KEY)"
-        )
-        _error(error)
-    except OSError as e:
-        code, error = EXIT_ERROR, f"{e.strerror or e} ({e.filename or run.output})"
-        _error(f"{error}; nothing was written to {run.output}")
     except Exception as e:
-        code, error = EXIT_ERROR, f"{type(e).__name__}: {e}"
-        traceback.print_exc()
-        _error(f"unexpected {error}; nothing was written to {run.output}")
+        code, error = failure(e, run.output)
+        if code == EXIT_ERROR and not isinstance(e, (PolarsLLMError, OSError)):
+            traceback.print_exc()
+        _error(error)
     if run.report is not None and run.started:
         try:
             run.write_report(code, error)
         except OSError as e:
             _error(f"could not write the report {run.report}: {e.strerror or e}")
     return code
+
+
+def failure(e: Exception, output: Path) -> tuple[int, str]:
+    """The exit code of an error that ``EnrichRun.run`` raised, and the one-line reason to give.
+
+    The Airflow operator raises with the same reason and maps the code to a task outcome.
+    """
+    if isinstance(e, InputError):
+        return EXIT_INPUT, str(e)
+    if isinstance(e, ConfigError):  # TemplateError included
+        return EXIT_USAGE, str(e)
+    if isinstance(e, TooManyFailures):
+        return EXIT_FAILURES, str(e)
+    if isinstance(e, BatchAborted):
+        return EXIT_ABORTED, _aborted_message(e)
+    if isinstance(e, PolarsLLMError):
+        return EXIT_ERROR, str(e)
+    if isinstance(e, ImportError):
+        return EXIT_USAGE, (
+            f"{e}. With no endpoint configured polars-llm runs the embedded model, which needs "
+            "`pip install 'polars-llm[local]'`; or give --base-url/--api-key "
+            "($OPENAI_BASE_URL/$OPENAI_API_KEY)"
+        )
+    if isinstance(e, OSError):
+        where = e.filename or output
+        return EXIT_ERROR, f"{e.strerror or e} ({where}); nothing was written to {output}"
+    return EXIT_ERROR, f"unexpected {type(e).__name__}: {e}; nothing was written to {output}"
 
 
 def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:

@@ -29,7 +29,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ColumnMismatch, ConfigError, InputError, TooManyFailures
+from .errors import ColumnMismatch, ConfigError, EmptyInput, InputError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, StepPlan, check_steps, pipeline, plan
 from .prompt import placeholders
 from .settings import Settings
@@ -81,6 +81,8 @@ class EnrichRun:
     progress: bool | None
     # Batch API runs only: wait for the batches (False: submit, then raise BatchPending).
     wait: bool = True
+    # Where the progress lines and the closing summary go instead of stderr (a scheduler's log).
+    log: Callable[[str], None] | None = None
     # Filled in as the run goes.
     t0: float = field(default_factory=time.monotonic, init=False)
     started: bool = field(default=False, init=False)  # the checks passed: a report is due
@@ -102,7 +104,7 @@ class EnrichRun:
         _check_against_input(steps, columns, self.input)
         _check_column_types(steps, pf.schema_arrow, self.input)
         if self.total_rows == 0:
-            raise InputError(
+            raise EmptyInput(
                 f"{self.input} has no rows (its columns: {', '.join(columns)}); "
                 "give a file with at least one row"
             )
@@ -147,7 +149,7 @@ class EnrichRun:
         allowed = max(
             self.max_failed_rows, math.floor(self.max_failed_rate * self.total_rows + 1e-9)
         )
-        progress = _Progress(self.total_rows, self.progress)
+        progress = _Progress(self.total_rows, self.progress, self.log)
         bad_input = False
         try:
             with _AtomicParquet(self.output) as out:
@@ -193,7 +195,11 @@ class EnrichRun:
             progress.close(self.stats, tally=not bad_input)
         failed = self.stats.rows_failed
         tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
-        say(f"wrote {self.output}: {self.total_rows} rows{tail}")
+        message = f"wrote {self.output}: {self.total_rows} rows{tail}"
+        if self.log is not None:
+            self.log(message)
+        else:
+            say(message)
 
     def _too_many_message(self, allowed: int) -> str:
         s = self.stats
@@ -225,11 +231,8 @@ class EnrichRun:
             click.echo(_batch_plan(list(totals.plans.values())))
 
     # -- report --------------------------------------------------------------------------------
-    def write_report(self, code: int, error: str | None) -> None:
-        """Write the JSON report of the run, which ended with exit ``code`` and ``error``.
-
-        Raises OSError if the report cannot be written; no partial report is left behind.
-        """
+    def summary(self, code: int, error: str | None) -> dict[str, Any]:
+        """The report of the run, which ended with exit ``code`` and ``error``, as a dict."""
         s = self.stats
         report: dict[str, Any] = {
             "input": str(self.input),
@@ -263,6 +266,14 @@ class EnrichRun:
         }
         if self.plan_rows is not None:
             report["plan"] = self.plan_rows
+        return report
+
+    def write_report(self, code: int, error: str | None) -> None:
+        """Write the JSON report of the run, which ended with exit ``code`` and ``error``.
+
+        Raises OSError if the report cannot be written; no partial report is left behind.
+        """
+        report = self.summary(code, error)
         path = self.report
         assert path is not None
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -530,15 +541,21 @@ def _terminal_columns() -> int:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, else a log line on stderr every LOG_INTERVAL seconds."""
+    """A tqdm bar on a terminal, else a log line every LOG_INTERVAL seconds.
 
-    def __init__(self, total: int, show: bool | None) -> None:
+    The lines go to ``log`` when given (then there is never a bar), else to stderr.
+    """
+
+    def __init__(self, total: int, show: bool | None, log: Callable[[str], None] | None) -> None:
         self.total = total
         self.t0 = time.monotonic()
         self.last_log = self.t0
         self.bar: Any = None
         self.done = 0
-        if show is None:
+        self.emit = log if log is not None else lambda line: click.echo(line, err=True)
+        if log is not None:
+            self.mode = "off" if show is False else "log"
+        elif show is None:
             self.mode = "bar" if sys.stderr.isatty() else "log"
         else:
             self.mode = "bar" if show else "off"
@@ -577,14 +594,14 @@ class _Progress:
             now = time.monotonic()
             if now - self.last_log >= LOG_INTERVAL:
                 self.last_log = now
-                click.echo(self.line(stats), err=True)
+                self.emit(self.line(stats))
 
     def close(self, stats: PipelineStats, tally: bool = True) -> None:
         if self.mode == "bar":
             self.update(stats)
             self.bar.close()
         elif self.mode == "log" and tally:
-            click.echo(self.line(stats), err=True)
+            self.emit(self.line(stats))
 
 
 class _BatchProgress:

@@ -7,6 +7,7 @@ Every error says what went wrong and what to do about it. The tree::
     │   └── TemplateError      a prompt template is malformed or names a missing column
     │       └── ColumnMismatch a placeholder or step name does not fit the input's columns
     ├── InputError             the input data or file cannot be used
+    │   └── EmptyInput         the input file has no rows
     ├── CacheWriteError        answers could not be written to the cache folder
     ├── BatchAborted           a fatal error (bad key, unknown model) stopped the whole batch
     ├── TooManyFailures        more rows failed than the caller allowed
@@ -51,6 +52,10 @@ class ColumnMismatch(TemplateError):
 
 class InputError(PolarsLLMError):
     """The input data or file cannot be used."""
+
+
+class EmptyInput(InputError):
+    """The input file has no rows: nothing to enrich (a scheduler may skip the task)."""
 
 
 class CacheWriteError(PolarsLLMError):

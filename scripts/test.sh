@@ -10,6 +10,11 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet --quiet -e '.[local,dev,ray]'
+# Airflow 3 in a virtualenv of its own (it pins ~250 packages): tests/test_airflow.py drives its
+# `airflow` command. The version is pinned so that a new release cannot break CI unannounced.
+python3 -m venv .venv-airflow
+.venv-airflow/bin/python -m pip install --quiet --quiet --upgrade pip
+.venv-airflow/bin/python -m pip install --quiet --quiet -e '.[airflow]' 'apache-airflow==3.3.2'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/pytest "$@"
