@@ -24,6 +24,11 @@ import pytest
 
 from polars_llm.testing import FakeServer
 
+# The examples retry after 5 minutes: a task that fails keeps `dags test` waiting, so it gets a
+# bound of its own and the test shows its log instead of hanging.
+DAGS_TEST_TIMEOUT = 420
+pytestmark = pytest.mark.timeout(DAGS_TEST_TIMEOUT * 2)
+
 ROOT = Path(__file__).resolve().parent.parent
 AIRFLOW = ROOT / ".venv-airflow" / "bin" / "airflow"
 EXAMPLES = sorted((ROOT / "docs" / "airflow").glob("*.py"))
@@ -72,14 +77,19 @@ class Airflow:
             "AIRFLOW_VAR_REVIEWS_DATA": str(data),
             "POLARS_LLM_CACHE_DIR": str(cache),
         }
-        return subprocess.run(
-            [str(AIRFLOW), "dags", "test", dag_id, DAY],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
+        try:
+            return subprocess.run(
+                [str(AIRFLOW), "dags", "test", dag_id, DAY],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=DAGS_TEST_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout or ""
+            log = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-5000:]
+            pytest.fail(f"airflow dags test {dag_id} still runs after {e.timeout} s:\n{log}")
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.home / "airflow.db") as db:
