@@ -14,6 +14,9 @@ or a backfill of the same day) pays only for the prompts not answered yet.
   (3, 2) and a refusal by the endpoint (bad key, unknown model) fail the task without retrying;
   too many failed rows (4), an unreachable endpoint (5) and unexpected errors (1) let Airflow retry;
   an input without rows skips the task.
+- ``batch=True, deferrable=True`` sends the calls as Batch API jobs and defers to
+  :class:`BatchTrigger`, which polls them on the triggerer; the task resumes to collect the answers
+  and write the output (or to submit the next round and defer again).
 
 Requires ``pip install 'polars-llm[airflow]'`` (Airflow 3.1 or newer).
 """
@@ -21,7 +24,9 @@ Requires ``pip install 'polars-llm[airflow]'`` (Airflow 3.1 or newer).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +37,16 @@ from airflow.sdk.exceptions import (
     AirflowNotFoundException,
     AirflowSkipException,
 )
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from .batch import POLL_MAX, BatchPending, BatchProgress, wait_for_batches
 from .cli import DEFAULT_BATCH_SIZE, EXIT_ABORTED, EXIT_INPUT, EXIT_USAGE, failure
 from .enrich import EnrichRun
 from .errors import BatchAborted, ConfigError, EmptyInput, FatalError
 from .pipeline import PRICES, Step, load_pipeline
 from .settings import OPENAI_URL, Settings, get_settings
 
-__all__ = ["EnrichOperator"]
+__all__ = ["BatchTrigger", "EnrichOperator"]
 
 # Settings the operator takes as keywords. The key and the endpoint are not among them: they come
 # from the connection, so that no key sits in a DAG file. The run itself decides the others.
@@ -71,7 +78,12 @@ class EnrichOperator(BaseOperator):
     batch
         Send the calls as OpenAI Batch API jobs (half the price) and wait for them.
     deferrable
-        With ``batch=True``: submit the jobs, then free the worker while a trigger polls them.
+        With ``batch=True``: submit the jobs, then free the worker while a :class:`BatchTrigger`
+        polls them (every ``poll_interval`` seconds at first, at most every minute later). When
+        they have ended the task resumes on a worker: it downloads the answers into the cache
+        and writes the output, or submits the next round (a dependent step, lines to retry) and
+        defers again. A retry after a crash resumes the same batches from the cache folder's
+        ledger, or from the Batch API's own list on another machine.
     model, concurrency, rpm, tpm, timeout, max_attempts, retry_budget, backoff_base, backoff_max, cache, cache_dir, truncated_is_error, shared_url, transport
         :class:`~polars_llm.Settings` fields (templated; one that renders empty is left unset).
     **kwargs
@@ -95,6 +107,7 @@ class EnrichOperator(BaseOperator):
         batch_size: int = DEFAULT_BATCH_SIZE,
         batch: bool = False,
         deferrable: bool = False,
+        poll_interval: float = 10.0,
         # The Settings fields in SETTINGS, spelt out: Airflow's partial() checks the names.
         model: str | None = None,
         concurrency: int | None = None,
@@ -137,10 +150,21 @@ class EnrichOperator(BaseOperator):
         self.batch_size = batch_size
         self.batch = batch
         self.deferrable = deferrable
+        self.poll_interval = poll_interval
         self.settings = settings
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Enrich ``input`` into ``output``; return the run's report (pushed to XCom)."""
+        return self._run()
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resume once the trigger says the batches have ended: collect, then write or defer."""
+        if event.get("error"):
+            raise AirflowException(f"polling the batches failed: {event['error']}")
+        self.log.info("batches ended: %s", event.get("statuses"))
+        return self._run()
+
+    def _run(self) -> dict[str, Any]:
         steps, settings = self._steps_and_settings()
         run = EnrichRun(
             input=Path(self.input_path),
@@ -151,10 +175,24 @@ class EnrichOperator(BaseOperator):
             dry_run=False,
             report=None,
             progress=None,
+            wait=not self.deferrable,
             log=self.log.info,
         )
         try:
             run.run(steps, settings)
+        except BatchPending as e:
+            self.log.info("%s: deferring to a trigger (%s)", e, ", ".join(e.batch_ids))
+            self.defer(
+                trigger=BatchTrigger(
+                    batch_ids=e.batch_ids,
+                    base_url=e.base_url,
+                    conn_id=self.conn_id,
+                    poll_interval=self.poll_interval,
+                ),
+                method_name="execute_complete",
+                # The Batch API's completion window, and a day more for the last round.
+                timeout=timedelta(hours=48),
+            )
         except Exception as e:
             raise _task_error(e, run.output) from e
         report = run.summary(0, None)
@@ -247,3 +285,60 @@ def _cost(report: Mapping[str, Any], steps: Sequence[Step], settings: Settings) 
         return None
     cost = (report["prompt_tokens"] * price[0] + report["completion_tokens"] * price[1]) / 1e6
     return round(cost * (BATCH_PRICE_FACTOR if settings.batch else 1.0), 6)
+
+
+class BatchTrigger(BaseTrigger):
+    """Poll Batch API jobs on the triggerer until every one has ended; fire once.
+
+    Holds no key: it reads it from the connection ``conn_id`` when it runs (the worker's
+    ``$OPENAI_API_KEY`` when ``None``), so none is stored with the trigger.
+    """
+
+    def __init__(
+        self, *, batch_ids: Sequence[str], base_url: str, conn_id: str | None, poll_interval: float
+    ) -> None:
+        super().__init__()
+        self.batch_ids = list(batch_ids)
+        self.base_url = base_url
+        self.conn_id = conn_id
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "batch_ids": self.batch_ids,
+                "base_url": self.base_url,
+                "conn_id": self.conn_id,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            if self.conn_id is None:
+                api_key = os.environ.get("OPENAI_API_KEY", "")
+            else:
+                api_key = (await BaseHook.aget_connection(self.conn_id)).password or ""
+            statuses = await wait_for_batches(
+                self.batch_ids,
+                base_url=self.base_url,
+                api_key=api_key,
+                on_progress=self._log_progress,
+                poll_min=self.poll_interval,
+                poll_max=max(self.poll_interval, POLL_MAX),
+            )
+        except (BatchAborted, AirflowNotFoundException) as e:
+            yield TriggerEvent({"error": str(e)})
+            return
+        yield TriggerEvent({"statuses": {s.id: s.status for s in statuses}})
+
+    def _log_progress(self, p: BatchProgress) -> None:
+        self.log.info(
+            "batches: %d/%d ended, %d/%d lines done, %d failed",
+            p.ended,
+            p.batches,
+            p.completed + p.failed,
+            p.lines,
+            p.failed,
+        )

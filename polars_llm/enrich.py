@@ -122,7 +122,7 @@ class EnrichRun:
             return
         from . import batch
 
-        display = _BatchProgress(self.progress)
+        display = _BatchProgress(self.progress, self.log)
         run = batch.BatchRun(wait=self.wait, on_progress=display.update)
         needed = _needed_columns(steps, columns)
 
@@ -540,11 +540,22 @@ def _terminal_columns() -> int:
         return 0
 
 
-class _Progress:
-    """A tqdm bar on a terminal, else a log line every LOG_INTERVAL seconds.
+def _display(
+    show: bool | None, log: Callable[[str], None] | None
+) -> tuple[str, Callable[[str], None]]:
+    """How progress shows ("bar", "log" or "off") and where its lines go: ``log``, else stderr.
 
-    The lines go to ``log`` when given (then there is never a bar), else to stderr.
+    ``show`` forces the bar (True) or nothing (False); None decides by the terminal. With ``log``
+    (a scheduler's log) there is never a bar.
     """
+    if log is not None:
+        return ("off" if show is False else "log"), log
+    mode = ("bar" if sys.stderr.isatty() else "log") if show is None else ("bar" if show else "off")
+    return mode, lambda line: click.echo(line, err=True)
+
+
+class _Progress:
+    """A tqdm bar on a terminal, else a log line every LOG_INTERVAL seconds (see _display)."""
 
     def __init__(self, total: int, show: bool | None, log: Callable[[str], None] | None) -> None:
         self.total = total
@@ -552,13 +563,7 @@ class _Progress:
         self.last_log = self.t0
         self.bar: Any = None
         self.done = 0
-        self.emit = log if log is not None else lambda line: click.echo(line, err=True)
-        if log is not None:
-            self.mode = "off" if show is False else "log"
-        elif show is None:
-            self.mode = "bar" if sys.stderr.isatty() else "log"
-        else:
-            self.mode = "bar" if show else "off"
+        self.mode, self.emit = _display(show, log)
         if self.mode == "bar":
             from tqdm import tqdm
 
@@ -606,13 +611,10 @@ class _Progress:
 
 class _BatchProgress:
     """Lines of the batches waited on: a tqdm bar on a terminal, else a log line every
-    LOG_INTERVAL seconds, from the batches' ``request_counts``."""
+    LOG_INTERVAL seconds, from the batches' ``request_counts`` (see _display)."""
 
-    def __init__(self, show: bool | None) -> None:
-        if show is None:
-            self.mode = "bar" if sys.stderr.isatty() else "log"
-        else:
-            self.mode = "bar" if show else "off"
+    def __init__(self, show: bool | None, log: Callable[[str], None] | None) -> None:
+        self.mode, self.emit = _display(show, log)
         self.bar: Any = None
         self.last: Any = None
         self.last_log = 0.0
@@ -645,7 +647,7 @@ class _BatchProgress:
             now = time.monotonic()
             if now - self.last_log >= LOG_INTERVAL or p.ended == p.batches:
                 self.last_log = now
-                click.echo(self.line(p), err=True)
+                self.emit(self.line(p))
 
     def close(self) -> None:
         if self.bar is not None:

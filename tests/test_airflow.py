@@ -66,17 +66,21 @@ class Airflow:
     home: Path
     env: dict[str, str]
 
-    def dags_test(
-        self, dag_id: str, server: FakeServer, data: Path, cache: Path
-    ) -> subprocess.CompletedProcess[str]:
-        """``airflow dags test dag_id DAY``, the connection pointing at ``server``."""
+    def task_env(self, server: FakeServer, data: Path, cache: Path) -> dict[str, str]:
+        """The environment of a worker whose connection points at ``server``."""
         connection = {"conn_type": "openai", "password": KEY, "host": server.base_url}
-        env = {
+        return {
             **self.env,
             "AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(connection),
             "AIRFLOW_VAR_REVIEWS_DATA": str(data),
             "POLARS_LLM_CACHE_DIR": str(cache),
         }
+
+    def dags_test(
+        self, dag_id: str, server: FakeServer, data: Path, cache: Path
+    ) -> subprocess.CompletedProcess[str]:
+        """``airflow dags test dag_id DAY``, the connection pointing at ``server``."""
+        env = self.task_env(server, data, cache)
         try:
             return subprocess.run(
                 [str(AIRFLOW), "dags", "test", dag_id, DAY],
@@ -246,3 +250,46 @@ def test_try_outcomes_follow_exit_codes(airflow: Airflow, tmp_path: Path) -> Non
     (report,) = airflow.xcom("enrich_outcomes", "flaky")
     assert report["calls"] == 1
     assert report["cache_hits"] == len([r for r in REVIEWS if "bad" not in r])
+
+
+def test_batch_example_defers_until_the_batches_end(airflow: Airflow, tmp_path: Path) -> None:
+    """The deferrable batch example submits, defers to its trigger, and resumes per round."""
+    (tmp_path / "raw" / "all").mkdir(parents=True)
+    (tmp_path / "enriched" / "all").mkdir(parents=True)
+    pl.DataFrame({"id": range(len(REVIEWS)), "review": REVIEWS}).write_parquet(
+        tmp_path / "raw" / "all" / f"{DAY}.parquet"
+    )
+    hour = 3600.0
+    with FakeServer(api_key=KEY, batch_seconds=hour) as server:
+        env = airflow.task_env(server, tmp_path, tmp_path / "cache")
+        with subprocess.Popen(
+            [str(AIRFLOW), "dags", "test", "enrich_reviews_batch", DAY],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as process:
+            assert process.stdout is not None
+            log: list[str] = []
+            deferrals = 0
+            for line in process.stdout:
+                log.append(line)
+                if "Pausing task as DEFERRED" in line:
+                    # Nothing ends while the task waits, until the batches' clock moves on.
+                    deferrals += 1
+                    server.advance_batches(2 * hour)
+            code = process.wait(timeout=60)
+        stats = server.stats()
+    assert code == 0, "".join(log[-200:])
+    # One round per step: sentiment, then the replies that read it.
+    assert deferrals == 2 and "".join(log).count("running trigger in line") == 2
+    assert airflow.tries("enrich_reviews_batch") == {("enrich", -1): ("success", 1)}
+    assert stats.chat_calls == 0 and stats.batches_created == 2
+    assert stats.batch_lines == 2 * len(set(REVIEWS))
+    out = pl.read_parquet(tmp_path / "enriched" / "all" / f"{DAY}.parquet")
+    assert out["llm_error"].null_count() == len(REVIEWS)
+    for review, sentiment, reply in out.select("review", "sentiment", "reply").rows():
+        assert sentiment in ("positive", "negative", "neutral")
+        assert reply == f"echo: Write a short reply to a {sentiment} review: {review}"
+    (report,) = airflow.xcom("enrich_reviews_batch", "enrich")
+    assert report["rows"] == len(REVIEWS) and report["failed_rows"] == 0
