@@ -54,6 +54,9 @@ class Limiter:
 
     ``shared`` is the home of the rate budget and cooldown this limiter shares with other
     processes, under the name ``scope`` (see ``shared.scope_for``); by default, this process's.
+    With ``probe``, while no limit is configured, one request at a time goes until the endpoint
+    first answers: its headers may state the limits, which then space the rest (rather than a
+    burst at full concurrency learning them from 429s).
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class Limiter:
         clock: Callable[[], float] = time.monotonic,
         shared: SharedState | None = None,
         scope: str = "",
+        probe: bool = False,
     ) -> None:
         self._clock = clock
+        self._probing = probe
         self._max = concurrency
         self._limit = float(concurrency)  # adaptive: cut on 429, grown back on success
         self._active = 0
@@ -130,7 +135,14 @@ class Limiter:
     @property
     def limit(self) -> int:
         """Requests allowed in flight right now (adaptive, at most the configured concurrency)."""
+        if self._probing and not (self._rpm or self._tpm):
+            return 1
         return max(1, int(self._limit))
+
+    def _answered(self) -> None:
+        if self._probing:
+            self._probing = False
+            self._wake()
 
     @property
     def active(self) -> int:
@@ -248,6 +260,7 @@ class Limiter:
     def on_success(self) -> None:
         """Grow the adaptive limit back by about one slot per full window of successes."""
         self.consecutive_failures = 0
+        self._answered()
         self._spacing = 0.0 if self._spacing < 1e-3 else self._spacing * 0.9
         if self._limit < self._max:
             self._limit = min(float(self._max), self._limit + 1.0 / self._limit)
@@ -299,6 +312,7 @@ class Limiter:
         ``chars`` is the prompt's length in characters (every message) and ``prompt_tokens``
         what the endpoint charged for it (0 when it did not say).
         """
+        self._answered()
         if chars > 0 and prompt_tokens > 0:
             self._chars += chars
             self._tokens += prompt_tokens

@@ -100,6 +100,8 @@ class FakeStats:
     """HTTP status -> count. Reset connections count under 0; hung requests under none."""
     prompts: dict[str, int] = field(default_factory=dict)
     """Last user message of each chat call -> how many times it was received."""
+    paid: dict[str, int] = field(default_factory=dict)
+    """Last user message of each chat call admitted past the rate limits (charged) -> count."""
     tokens: int = 0
     """Tokens charged to admitted requests, estimated as for the TPM limit."""
     files_uploaded: int = 0
@@ -491,6 +493,8 @@ class FakeServer:
             return limited
         with self._lock:
             self._stats.tokens += cost
+            if chat:
+                self._stats.paid[prompt] = self._stats.paid.get(prompt, 0) + 1
 
         hang = fault_draw < self.error_rate + self.hang_rate and fault_draw >= self.error_rate
         if hang:

@@ -692,3 +692,24 @@ def test_new_settings_keep_what_the_endpoint_taught(clock: VirtualClock) -> None
     cut, waited = run(main)
     assert cut == 4
     assert waited == pytest.approx(spacing(600), rel=0.01)
+
+
+def test_probe_sends_one_request_until_the_endpoint_answers(clock: VirtualClock) -> None:
+    """With probe and no limit configured, a second request waits for the first answer, whose
+    headers then space the rest; with a limit configured nothing waits for an answer."""
+
+    async def main() -> tuple[bool, bool, int]:
+        limiter = Limiter(8, clock=clock, probe=True)
+        await limiter.acquire()
+        second = asyncio.create_task(limiter.acquire())
+        await settle()
+        held = not second.done()
+        limiter.observe({"x-ratelimit-limit-requests": "600"}, 10, 3)
+        limiter.release()
+        await settle()
+        told = Limiter(8, rpm=600, clock=clock, probe=True)
+        return held, second.done(), told.limit
+
+    held, admitted, told_limit = run(main)
+    assert held and admitted
+    assert told_limit == 8
