@@ -384,7 +384,7 @@ def _to_polars(rb: pa.RecordBatch, needed: list[str], path: Path) -> pl.DataFram
             f"({one_line(e)}); re-encode it as UTF-8"
         ) from e
     try:
-        return pl.from_arrow(selected)
+        return pl.DataFrame(pl.from_arrow(selected))
     except Exception as e:  # an Arrow type polars cannot read
         raise InputError(f"cannot read columns {', '.join(needed)} of {path}: {one_line(e)}") from e
 
@@ -494,6 +494,7 @@ class _AtomicParquet:
         self.writer.write_table(table)
 
     def commit(self) -> None:
+        assert self.writer is not None, "commit() after at least one write()"
         self.writer.close()
         self.writer = None
         self.fh.flush()

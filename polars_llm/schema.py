@@ -72,6 +72,12 @@ class _Node:
     fields: tuple[_Field, ...] = ()
     values: tuple[str, ...] = ()
 
+    @property
+    def item(self) -> _Node:
+        """The node of an array's items."""
+        assert self.items is not None, "an array node always has an item node"
+        return self.items
+
 
 class _Invalid(Exception):
     """A value of an answer that does not fit the schema; the message names where."""
@@ -251,7 +257,7 @@ def _compile(schema: Any, root: dict[str, Any], path: str, refs: tuple[str, ...]
         )
 
     if type_ == "string":
-        kind = {"date": "date", "date-time": "datetime"}.get(schema.get("format"), "string")
+        kind = {"date": "date", "date-time": "datetime"}.get(str(schema.get("format")), "string")
         return _Node(kind, nullable=nullable)
     if type_ in ("integer", "number", "boolean"):
         return _Node(type_, nullable=nullable)
@@ -302,7 +308,7 @@ def _dtype(node: _Node) -> pl.DataType:
     if node.kind == "enum":
         return pl.Enum(list(node.values))
     if node.kind == "array":
-        return pl.List(_dtype(node.items))
+        return pl.List(_dtype(node.item))
     if node.kind == "object":
         return pl.Struct({f.name: _dtype(f.node) for f in node.fields})
     return _SCALAR_DTYPES[node.kind]
@@ -356,7 +362,7 @@ def _drop_nulls_for_defaults(node: _Node, value: Any) -> Any:
     would reject the null the model is allowed to send.
     """
     if node.kind == "array" and isinstance(value, list):
-        return [_drop_nulls_for_defaults(node.items, item) for item in value]
+        return [_drop_nulls_for_defaults(node.item, item) for item in value]
     if node.kind != "object" or not isinstance(value, dict):
         return value
     fields = {f.name: f for f in node.fields}
@@ -414,15 +420,15 @@ def _convert(node: _Node, value: Any, path: str) -> Any:
         moment = _parse_time(_DATETIME, value, path, "a date-time (ISO 8601)")
         if moment.tzinfo is not None:
             # The column is naive UTC: one dtype for every row, whatever offset each answer used.
-            moment = moment.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
         return moment
     if kind == "array":
         if not isinstance(value, list):
             raise _Invalid(path, f"should be a list, got {_short(value)}")
-        return [_convert(node.items, item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [_convert(node.item, item, f"{path}[{i}]") for i, item in enumerate(value)]
     if not isinstance(value, dict):
         raise _Invalid(path, f"should be a JSON object, got {_short(value)}")
-    out = {}
+    out: dict[str, Any] = {}
     for field in node.fields:
         sub = _join(path, field.name)
         if field.name not in value:

@@ -516,9 +516,8 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
             if parsed is not None:
                 return max(0.0, parsed.timestamp() - time.time())
     resets = [
-        parse_duration(headers[h])
+        r
         for h in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-        if headers.get(h)
+        if headers.get(h) and (r := parse_duration(headers[h])) is not None
     ]
-    known = [r for r in resets if r is not None]
-    return max(known) if known else None
+    return max(resets) if resets else None

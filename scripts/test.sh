@@ -17,4 +17,5 @@ python3 -m venv .venv-airflow
 .venv-airflow/bin/python -m pip install --quiet --quiet -e '.[airflow]' 'apache-airflow==3.3.2'
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 .venv/bin/pytest "$@"

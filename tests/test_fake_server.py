@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from polars_llm.testing import FakeServer, schema_example, spawn_server
 
 
-class Color(str, enum.Enum):
+class Color(enum.StrEnum):
     RED = "red"
     GREEN = "green"
     BLUE = "blue"
