@@ -163,7 +163,7 @@ def _warning_line(
 class _Cli(click.Group):
     """A group whose every expected error is one line on stderr with a documented exit code."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -599,7 +599,7 @@ def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
         settings = settings.replace(**file_settings)
     except TypeError as e:
         raise ConfigError(f"[settings] of {opts.pipeline_file}: {e}") from e
-    settings = settings.replace(
+    given = dict(
         model=opts.model,
         base_url=opts.base_url,
         api_key=opts.api_key,
@@ -613,6 +613,7 @@ def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
         progress=opts.progress,
         batch=True if opts.batch else None,
     )
+    settings = settings.replace(**{k: v for k, v in given.items() if v is not None})
     return steps, settings
 
 

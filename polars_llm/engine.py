@@ -1,22 +1,28 @@
-"""The engine: dedup, cache split, concurrent calls with retries, scatter back to row order.
+"""The engine: keys -> cache split -> send -> scatter back to row order.
 
 All network work of the process runs on one event loop in one daemon thread (``EngineLoop``).
 Callers, whatever thread Polars runs them on and whether or not their thread already runs an event
-loop (Jupyter), hand their batch to that loop and wait. Because of that:
+loop (Jupyter), hand their batch to that loop and wait. On that loop live:
 
-- clients, limiters and the in-flight table exist once per process and need no thread locks;
-- two ``.llm`` expressions of one ``with_columns`` share one concurrency budget per endpoint;
-- an identical request already in flight for another batch is awaited, not sent again.
+- one :class:`~polars_llm.endpoint.EndpointClient` per (base URL, key, model): transport,
+  limiter, health and retry policy behind one ``send``, shared by every batch of the process;
+- one :class:`~polars_llm.flight.SingleFlight` table: a request already in flight for any batch
+  of any thread is joined, not sent again.
+
+A :class:`Batch` is what one call of an expression's function does: compute the keys of its
+unique prompts, split cache hits from misses, send the misses through the endpoint's client, and
+hand back one :class:`Outcome` per prompt. :func:`complete_series` and :func:`embed_series` put
+those back in row order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import contextlib
 import functools
 import os
-import random
-import sys
 import threading
 import time
 import warnings
@@ -26,40 +32,29 @@ from typing import Any
 
 import polars as pl
 
+from . import interrupt
 from .cache import ResultCache, open_cache
+from .endpoint import EndpointClient, RetryPolicy
 from .errors import (
-    AuthError,
     BatchAborted,
     ConfigError,
-    ConnectionFailed,
     ContentError,
     EmptyCompletion,
-    FatalError,
-    ModelNotFound,
-    QuotaExceeded,
-    RateLimited,
-    RetryableError,
     RowError,
     TooManyFailures,
     Truncated,
 )
-from .limiter import Limiter
+from .flight import SingleFlight
 from .outputs import PostProcess, TextPost
+from .progress import Display, Progress
 from .request import RequestTemplate
-from .settings import Endpoint, Settings
-from .transport import Completion, Embeddings, Transport, make_transport
+from .settings import Settings
+from .transport import Completion, Embeddings
 
-# The embedded model's server decodes one request at a time; more in flight only queue there.
-LOCAL_CONCURRENCY = 2
-# Attempts against an endpoint that has never answered, before the batch stops.
-NEVER_REACHED_ATTEMPTS = 3
-# Requests failing in a row (5xx, timeouts, connection errors) across an endpoint before the
-# batch stops: at least this, and at least twice the concurrency.
-BREAKER_FAILURES = 50
-# Requests refused (400-like) before an endpoint, key and model ever answered, before stopping.
-REFUSALS_BEFORE_ABORT = 3
-# Seconds a request waits for the first request to a new endpoint, key and model to answer.
-PROBE_WAIT = 10.0
+# Endpoint clients unused this long are closed (their connections too) when another is opened.
+IDLE_CLOSE = 300.0
+# Repair rounds for an answer that does not parse (a label outside the set, bad JSON).
+MAX_REPAIRS = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,12 +71,14 @@ class CallSpec:
     settings: Settings | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     details: bool = False
+    # Built on the main thread: Ctrl-C there stops this work (see interrupt.py).
+    interruptible: bool = False
 
     def resolve_settings(self) -> Settings:
         from .settings import get_settings
 
         base = self.settings if self.settings is not None else get_settings()
-        return base.replace(**self.overrides)
+        return base.replace(**self.overrides) if self.overrides else base
 
 
 @dataclass
@@ -93,18 +90,7 @@ class Outcome:
     cached: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-@dataclass
-class Progress:
-    """Counters of a batch, updated on the engine loop and read by the waiting caller."""
-
-    done: int = 0
-    cached: int = 0
-    failed: int = 0
-    calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    finish_reason: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,68 +106,80 @@ class EngineLoop:
         )
         self._thread.start()
         # Owned by the loop thread only.
-        self.transports: dict[tuple[str, str, str, float, int], Transport] = {}
-        # Per endpoint and model: providers set their limits per model.
-        self.limiters: dict[tuple[str, str], Limiter] = {}
-        self.inflight: dict[str, asyncio.Future[Outcome]] = {}
-        self.reached: set[str] = set()  # endpoints that gave any HTTP answer
-        # (endpoint, key, model) that answered a request successfully: see Batch._retrying.
-        self.verified: set[tuple[str, str, str]] = set()
-        self._probes: dict[tuple[str, str, str], asyncio.Lock] = {}
+        self.endpoints: dict[tuple[str, str, str, str], EndpointClient] = {}
+        self.flights: SingleFlight[Outcome] = SingleFlight()
+        # Cache reads from the loop go to their own thread: never onto the loop itself (a slow
+        # disk would stall every request) nor into the loop's default executor (aiohttp
+        # resolves host names there).
+        self.cache_reads = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="polars-llm-cache-read"
+        )
 
     def run(
         self,
-        coro: Awaitable[Any],
+        coro: Coroutine[Any, Any, Any],
         on_wait: Callable[[], None] | None = None,
+        *,
+        interruptible: bool = False,
         interval: float = 0.2,
     ) -> Any:
-        """Run ``coro`` on the engine loop and wait for it; ``on_wait`` is called while waiting."""
+        """Run ``coro`` on the engine loop and wait for it; ``on_wait`` is called while waiting.
+
+        With ``interruptible``, a Ctrl-C seen by :mod:`polars_llm.interrupt` while waiting on a
+        thread other than the main one stops the work and raises ``KeyboardInterrupt`` here.
+        """
         if threading.current_thread() is self._thread:
             raise RuntimeError("polars-llm cannot wait for itself on its own engine thread")
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        seen = interrupt.generation()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             while True:
                 try:
-                    return future.result(timeout=interval if on_wait else None)
+                    return future.result(timeout=interval)
                 except concurrent.futures.TimeoutError:
                     if on_wait is not None:
                         on_wait()
+                    if interruptible and interrupt.generation() != seen:
+                        raise KeyboardInterrupt(
+                            "polars-llm: interrupted; the answers received so far are cached"
+                        ) from None
         except BaseException:
             future.cancel()  # Ctrl-C, or a failing progress callback: stop sending
             raise
 
-    def transport(self, endpoint: Endpoint, base_url: str, settings: Settings) -> Transport:
-        key = (
-            settings.transport,
-            base_url,
-            endpoint.api_key,
-            settings.timeout,
-            settings.concurrency,
-        )
-        transport = self.transports.get(key)
-        if transport is None:
-            transport = self.transports[key] = make_transport(*key)
-        return transport
+    def endpoint(
+        self, base_url: str, api_key: str, model: str, settings: Settings, local: bool
+    ) -> EndpointClient:
+        """The client of (base URL, key, model), opened on first use (on the loop thread)."""
+        ident = (base_url, api_key, model, settings.transport)
+        client = self.endpoints.get(ident)
+        if client is None:
+            self._close_idle()
+            client = EndpointClient(base_url, api_key, model, settings, local=local)
+            self.endpoints[ident] = client
+        return client
 
-    def probe_lock(self, ident: tuple[str, str, str]) -> asyncio.Lock:
-        """The lock that lets one request at a time through until ``ident`` is verified."""
-        lock = self._probes.get(ident)
-        if lock is None:
-            lock = self._probes[ident] = asyncio.Lock()
-        return lock
+    def _close_idle(self) -> None:
+        # The map of clients must not grow for the life of the process: close the idle ones.
+        old = time.monotonic() - IDLE_CLOSE
+        for ident, client in list(self.endpoints.items()):
+            if client.idle and client.last_used < old:
+                del self.endpoints[ident]
+                self.loop.create_task(client.aclose())
 
-    def limiter(self, base_url: str, model: str, settings: Settings, local: bool) -> Limiter:
-        """The limiter of an endpoint and model, created on first use, updated to ``settings``."""
-        concurrency = (
-            min(settings.concurrency, LOCAL_CONCURRENCY) if local else settings.concurrency
-        )
-        limiter = self.limiters.get((base_url, model))
-        if limiter is None:
-            limiter = Limiter(concurrency, settings.rpm, settings.tpm)
-            self.limiters[(base_url, model)] = limiter
-        else:
-            limiter.configure(concurrency, settings.rpm, settings.tpm)
-        return limiter
+    async def aclose(self) -> None:
+        """Close every endpoint's connections."""
+        clients, self.endpoints = list(self.endpoints.values()), {}
+        await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Close the connections and stop the loop (at interpreter exit)."""
+        if not self.loop.is_running():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.aclose(), self.loop).result(timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.cache_reads.shutdown(wait=False)
 
 
 _engine: EngineLoop | None = None
@@ -208,37 +206,42 @@ def engine_loop() -> EngineLoop:
     return _engine
 
 
+@atexit.register
+def _close_engine() -> None:
+    if _engine is not None:
+        _engine.close()
+
+
 # --------------------------------------------------------------------------------------------
 # A batch: what one call of the expression's function has to do
 # --------------------------------------------------------------------------------------------
 class Batch:
-    """The resolved context of a call: endpoint, template, cache, limiter and transport.
+    """The resolved context of a call: endpoint, template, cache and counters.
 
-    Methods named ``*_async`` run on the engine loop; the others run on the caller's thread.
+    Methods named ``async`` run on the engine loop; the others on the caller's thread.
     """
 
     def __init__(self, spec: CallSpec, kind: str = "chat") -> None:
-        """Resolve settings and endpoint; nothing is started until ``connect``."""
+        """Resolve settings and endpoint; nothing is started until ``run``."""
         self.spec = spec
         self.kind = kind
         self.settings = settings = spec.resolve_settings()
-        self.endpoint = endpoint = settings.endpoint(spec.model)
-        self.model = spec.model or settings.default_model(endpoint)
-        if kind == "embed" and endpoint.local:
+        self.target = target = settings.endpoint(spec.model)
+        self.model = spec.model or settings.default_model(target)
+        if kind == "embed" and target.local:
             raise ConfigError(
                 "the embedded model serves chat completions, not embeddings; give an embeddings "
                 "endpoint (base_url= or $OPENAI_BASE_URL) and model="
             )
         # For the embedded model the real URL is known once its server runs: see connect().
-        self.base_url = endpoint.base_url
-        key_endpoint = local_key_endpoint() if endpoint.local else endpoint.base_url
+        self.base_url = target.base_url
         params = {k: v for k, v in spec.params.items() if v is not None}
         params.update(spec.post.body_params())
-        if endpoint.local:
+        if target.local:
             params = _for_llama_cpp(params)
         self.params = params
         self.template = RequestTemplate(
-            endpoint=key_endpoint,
+            endpoint=local_key_endpoint() if target.local else target.base_url,
             model=self.model,
             kind=kind,
             system=spec.system,
@@ -247,23 +250,20 @@ class Batch:
         )
         cache_dir = settings.cache_path()
         self.cache: ResultCache | None = open_cache(cache_dir) if cache_dir is not None else None
+        self.policy = RetryPolicy.of(settings)
         self.progress = Progress()
-        self._aborted: BatchAborted | None = None
+        self.aborted: BatchAborted | None = None
+        self.max_tokens = int(params.get("max_tokens") or params.get("max_completion_tokens") or 0)
+        self.system_tokens = estimate_tokens(spec.system or "")
         self._memo: dict[str, Outcome] = {}
-        self._max_tokens = int(params.get("max_tokens") or params.get("max_completion_tokens") or 0)
-        self._system_tokens = estimate_tokens(spec.system or "")
-        self._transport: Transport | None = None
-        self._limiter: Limiter | None = None
-        self._ident = (self.base_url, endpoint.api_key, self.model)
-        self._refusals = 0
+        self._client: EndpointClient | None = None
 
     def connect(self) -> None:
         """Start the embedded model if this batch needs it (caller's thread: it may take seconds)."""
-        if self.endpoint.local and self.base_url == self.endpoint.base_url:
+        if self.target.local and self.base_url == self.target.base_url:
             from .local import ensure_local_server
 
             self.base_url = ensure_local_server()
-            self._ident = (self.base_url, self.endpoint.api_key, self.model)
 
     # -- the caller's side ---------------------------------------------------------------------
     def lookup(self, texts: Sequence[str]) -> tuple[list[str], list[Outcome | None]]:
@@ -273,48 +273,70 @@ class Batch:
             return keys, [None] * len(keys)
         return keys, [self.decode(hit) for hit in self.cache.get_many(keys)]
 
-    def decode(self, hit: dict[str, Any] | None) -> Outcome | None:
-        """The outcome a cache entry stands for, or None for a miss or an unreadable entry."""
-        if hit is None:
+    def decode(self, hit: Any) -> Outcome | None:
+        """The outcome a cache entry stands for, or None for a miss or an unusable entry."""
+        if not isinstance(hit, dict):
             return None
         if self.settings.truncated_is_error and hit.get("finish") == "length":
             return None  # cached when cut-off answers were accepted; now they are not
+        answer = hit.get("vector") if self.kind == "embed" else hit.get("text")
+        if answer is None or (self.kind == "chat" and not isinstance(answer, str)):
+            return None  # an entry this version cannot read: ask again, never a silent null
         try:
-            value = self.spec.post.parse(hit["vector"] if self.kind == "embed" else hit["text"])
-        except (ContentError, KeyError, TypeError):
-            return None  # an entry this version cannot read: ask again
-        usage = hit.get("usage") or (0, 0)
-        return Outcome(value, None, True, int(usage[0]), int(usage[1]))
+            value = self.spec.post.parse(answer)
+        except (ContentError, KeyError, TypeError, ValueError):
+            return None
+        prompt, completion = _usage(hit.get("usage"))
+        finish = hit.get("finish")
+        return Outcome(
+            value, None, True, prompt, completion, finish if isinstance(finish, str) else None
+        )
 
-    def run(self, coro: Awaitable[Any], total: int) -> Any:
-        """Run loop-side work with a progress bar, flush the cache, raise if the batch aborted."""
+    def run(self, coro: Coroutine[Any, Any, Any], total: int, unit: str = "req") -> Any:
+        """Run loop-side work with progress shown, flush the cache, raise if the batch stopped."""
         self.connect()
         p = self.progress
-        bar = progress_bar(self.settings, total, lambda: (p.done, p.cached, p.failed))
+        display = Display(
+            total, lambda: (p.done, p.cached, p.failed), show=self.settings.progress, unit=unit
+        )
         try:
-            result = engine_loop().run(coro, on_wait=bar.update if bar else None)
+            result = engine_loop().run(
+                coro, on_wait=display.update, interruptible=self.spec.interruptible
+            )
         finally:
-            if bar:
-                bar.close()
+            display.close()
             if self.cache is not None:
                 self.cache.flush()
-        if self._aborted is not None:
-            raise self._aborted
+        if self.aborted is not None:
+            raise self.aborted
         return result
 
     # -- the loop's side -----------------------------------------------------------------------
-    def bind(self) -> None:
-        """Attach this batch to the loop's transport and limiter (on the engine loop)."""
-        if self._transport is None:
-            loop = engine_loop()
-            self._transport = loop.transport(self.endpoint, self.base_url, self.settings)
-            self._limiter = loop.limiter(
-                self.base_url, self.model, self.settings, self.endpoint.local
+    @property
+    def client(self) -> EndpointClient:
+        """The endpoint's client, bound on first use (on the engine loop)."""
+        if self._client is None:
+            self._client = engine_loop().endpoint(
+                self.base_url, self.target.api_key, self.model, self.settings, self.target.local
             )
+            self._client.configure(self.settings)
+        return self._client
+
+    def width(self) -> int:
+        """Workers per batch: enough to fill the concurrency; the limiter does the real gating."""
+        return max(1, self.settings.concurrency)
+
+    async def lookup_async(self, key: str) -> Outcome | None:
+        """The cache's outcome for one key, read off the loop."""
+        if self.cache is None:
+            return None
+        hit = await asyncio.get_running_loop().run_in_executor(
+            engine_loop().cache_reads, self.cache.get, key
+        )
+        return self.decode(hit)
 
     async def complete_many_async(self, texts: Sequence[str], keys: Sequence[str]) -> list[Outcome]:
         """Outcomes of many prompts, ``concurrency`` at a time."""
-        self.bind()
         results: list[Outcome] = [Outcome()] * len(texts)
         indices = iter(range(len(texts)))
 
@@ -322,243 +344,102 @@ class Batch:
             for i in indices:
                 results[i] = await self.complete_async(keys[i], texts[i])
 
-        await _all_or_none(worker() for _ in range(min(len(texts), self.width())))
+        await gather_all(worker() for _ in range(min(len(texts), self.width())))
         return results
 
-    def width(self) -> int:
-        """Workers per batch: enough to fill the concurrency; the limiter does the real gating."""
-        return max(1, self.settings.concurrency)
-
     async def complete_async(self, key: str, text: str) -> Outcome:
-        """One prompt's outcome: from this batch's memo, a request already in flight, or a call."""
-        self.bind()
+        """One prompt's outcome: from this batch's memo, a call in flight anywhere, or a call."""
         outcome = self._memo.get(key)
         if outcome is None:
-            if self._aborted is not None:
-                return Outcome(error=self._aborted.cause)
-            inflight = engine_loop().inflight
-            pending = inflight.get(key)
-            if pending is not None:
-                outcome = await asyncio.shield(pending)
+            if self.aborted is not None:
+                outcome = Outcome(error=self.aborted.cause)
             else:
-                fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-                inflight[key] = fut
                 try:
-                    outcome = await self._call(key, text)
-                    fut.set_result(outcome)
-                except BaseException as e:
-                    fut.set_exception(e)
-                    fut.exception()  # mark retrieved: waiters re-raise it themselves
-                    raise
-                finally:
-                    inflight.pop(key, None)
+                    outcome = await engine_loop().flights.run(
+                        key, functools.partial(self._call, key, text)
+                    )
+                except BatchAborted as e:
+                    self.aborted = self.aborted or e
+                    outcome = Outcome(error=e.cause)
             if outcome.error is None:
                 self._memo[key] = outcome
-        self._count(outcome)
+        self.count(outcome)
         return outcome
 
     async def resolve_async(self, key: str, text: str) -> Outcome:
         """Like ``complete_async``, but first looks in the disk cache (for row-by-row callers)."""
-        if key not in self._memo and self.cache is not None:
-            outcome = self.decode(self.cache.get(key))
+        if key not in self._memo and key not in engine_loop().flights:
+            outcome = await self.lookup_async(key)
             if outcome is not None:
                 self._memo[key] = outcome
-                self._count(outcome)
+                self.count(outcome)
                 return outcome
         return await self.complete_async(key, text)
 
-    def _count(self, outcome: Outcome) -> None:
+    def count(self, outcome: Outcome) -> None:
+        """Count one finished request in this batch's progress."""
         p = self.progress
         p.done += 1
-        p.cached += outcome.cached
-        p.failed += outcome.error is not None
-        p.prompt_tokens += outcome.prompt_tokens
-        p.completion_tokens += outcome.completion_tokens
+        if outcome.error is not None:
+            p.failed += 1
+        if outcome.cached:
+            p.cached += 1
+            p.cached_prompt_tokens += outcome.prompt_tokens
+            p.cached_completion_tokens += outcome.completion_tokens
+        else:
+            p.prompt_tokens += outcome.prompt_tokens
+            p.completion_tokens += outcome.completion_tokens
 
     async def _call(self, key: str, text: str) -> Outcome:
         """One chat request with retries, content checks and repair; caches a success."""
         post = self.spec.post
+        client = self.client
+        transport = client.transport
         body = self.template.body(text)
-        tokens = estimate_tokens(text) + self._system_tokens + self._max_tokens
-        deadline = time.monotonic() + self.settings.retry_budget
+        tokens = estimate_tokens(text) + self.system_tokens + self.max_tokens
+        # What a repair round may send back of a bad answer: no more than the request itself.
+        echo_limit = len(text) + len(self.spec.system or "")
         repairs = 0
-        transport = self._transport
-        assert transport is not None
         while True:
             try:
-                completion: Completion = await self._retrying(
-                    functools.partial(transport.chat, body), tokens, deadline
+                completion: Completion = await client.send(
+                    functools.partial(transport.chat, body),
+                    tokens=tokens,
+                    policy=self.policy,
+                    progress=self.progress,
                 )
             except RowError as e:
                 return Outcome(error=e)
+            usage = (completion.prompt_tokens, completion.completion_tokens)
             try:
                 value = self._check(completion)
             except ContentError as e:
-                fix = post.repair(completion.text or "", e) if repairs < 2 else None
+                runaway = completion.finish_reason == "length"
+                fix = None
+                if repairs < MAX_REPAIRS and not runaway:
+                    fix = post.repair(_clip(completion.text or "", echo_limit), e)
                 if fix is None:
-                    return Outcome(
-                        error=e,
-                        prompt_tokens=completion.prompt_tokens,
-                        completion_tokens=completion.completion_tokens,
-                    )
+                    if runaway and not isinstance(e, Truncated):
+                        e.message += (
+                            "; the answer ran away: it was cut off at max_tokens "
+                            f"({self.max_tokens or 'the endpoint default'}) so it was not sent "
+                            "back for repair; raise max_tokens or ask for a shorter answer"
+                        )
+                        e.args = (e.message,)
+                    return Outcome(None, e, False, *usage, completion.finish_reason)
                 repairs += 1
                 body = {**body, "messages": [*body["messages"], *fix]}
                 continue
-            usage = [completion.prompt_tokens, completion.completion_tokens]
             if self.cache is not None:
-                entry = {
-                    "text": completion.text,
-                    "usage": usage,
-                    "finish": completion.finish_reason,
-                }
-                self.cache.put(key, entry)
-            return Outcome(value, None, False, *usage)
-
-    async def embed_many_async(
-        self, texts: Sequence[str], keys: Sequence[str], batch_size: int
-    ) -> list[Outcome]:
-        """Embeddings of many inputs, ``batch_size`` inputs per request."""
-        self.bind()
-        transport = self._transport
-        assert transport is not None
-        results: list[Outcome] = [Outcome()] * len(texts)
-        chunks = iter(range(0, len(texts), batch_size))
-        params = self.params
-
-        async def worker() -> None:
-            for start in chunks:
-                part = list(texts[start : start + batch_size])
-                tokens = sum(estimate_tokens(t) for t in part)
-                deadline = time.monotonic() + self.settings.retry_budget
-                try:
-                    answer: Embeddings = await self._retrying(
-                        lambda part=part: transport.embed(self.model, part, params),  # type: ignore[misc]
-                        tokens,
-                        deadline,
-                    )
-                except RowError as e:
-                    outcomes = [Outcome(error=e) for _ in part]
-                else:
-                    share = answer.prompt_tokens // max(1, len(part))
-                    outcomes = []
-                    for i, vector in enumerate(answer.vectors):
-                        try:
-                            value = self.spec.post.parse(vector)
-                        except ContentError as e:
-                            outcomes.append(Outcome(error=e))
-                            continue
-                        outcomes.append(Outcome(value, None, False, share, 0))
-                        if self.cache is not None:
-                            self.cache.put(keys[start + i], {"vector": vector, "usage": [share, 0]})
-                for i, outcome in enumerate(outcomes):
-                    results[start + i] = outcome
-                    self._count(outcome)
-
-        workers = min(self.width(), -(-len(texts) // batch_size))
-        await _all_or_none(worker() for _ in range(workers))
-        return results
-
-    async def _retrying(
-        self, send: Callable[[], Awaitable[Any]], tokens: int, deadline: float
-    ) -> Any:
-        """``send()`` under the limiter with the retry policy; raises the final RowError."""
-        loop = engine_loop()
-        if self._ident in loop.verified:
-            return await self._retry_loop(send, tokens, deadline)
-        # Until an endpoint, key and model have answered once, one request (with its retries)
-        # goes at a time: a wrong key, a mistyped model or a dead endpoint then costs a few
-        # calls, not a few per worker. A probe slower than PROBE_WAIT (a hung request) does not
-        # hold the batch back.
-        lock = loop.probe_lock(self._ident)
-        try:
-            await asyncio.wait_for(lock.acquire(), PROBE_WAIT)
-        except asyncio.TimeoutError:
-            return await self._retry_loop(send, tokens, deadline)
-        if self._ident in loop.verified:
-            # The probe we queued behind succeeded: everyone may go now, not one by one.
-            lock.release()
-            return await self._retry_loop(send, tokens, deadline)
-        try:
-            return await self._retry_loop(send, tokens, deadline)
-        finally:
-            lock.release()
-
-    async def _retry_loop(
-        self, send: Callable[[], Awaitable[Any]], tokens: int, deadline: float
-    ) -> Any:
-        settings = self.settings
-        attempt = failures = 0
-        while True:
-            if self._aborted is not None:
-                raise self._aborted.cause  # type: ignore[misc]
-            attempt += 1
-            try:
-                return await self._attempt(send, tokens)
-            except RetryableError as e:
-                # A 429 says "later", not "broken": only the time budget bounds those retries,
-                # while other failures also count against max_attempts.
-                failures += not isinstance(e, RateLimited)
-                self._check_breaker(e)
-                delay = backoff(attempt, settings.backoff_base, settings.backoff_max)
-                if e.retry_after is not None:
-                    delay = max(delay, e.retry_after)
-                limit = settings.max_attempts
-                if isinstance(e, ConnectionFailed) and self.base_url not in engine_loop().reached:
-                    # Nothing there has ever answered: a few tries tell a mistyped or dead
-                    # endpoint from a blip, without minutes of backoff.
-                    limit = min(limit, NEVER_REACHED_ATTEMPTS)
-                if failures >= limit or time.monotonic() + delay > deadline:
-                    self._maybe_unreachable(e)
-                    raise _exhausted(e, attempt) from None
-                await asyncio.sleep(delay)
-            except FatalError as e:
-                if isinstance(e, (AuthError, ModelNotFound, QuotaExceeded)):
-                    self._abort(e)
-                elif self._ident not in engine_loop().verified:
-                    # Refused before anything ever succeeded here: the endpoint likely rejects
-                    # the request's shape (e.g. response_format), not this one row.
-                    self._refusals += 1
-                    if self._refusals >= REFUSALS_BEFORE_ABORT:
-                        self._abort(e)
-                raise
-
-    def _check_breaker(self, error: RetryableError) -> None:
-        """Stop the batch when the endpoint keeps failing for everyone (it went down mid-run)."""
-        if isinstance(error, RateLimited):
-            return
-        limiter = self._limiter
-        assert limiter is not None
-        if limiter.consecutive_failures >= max(BREAKER_FAILURES, 2 * limiter.max_concurrency):
-            self._abort(
-                type(error)(
-                    f"{limiter.consecutive_failures} requests in a row failed with no success "
-                    f"in between; last: {error.message}. The endpoint seems down; check it, "
-                    "then rerun (answers so far are cached)."
+                self.cache.put(
+                    key,
+                    {
+                        "text": completion.text,
+                        "usage": list(usage),
+                        "finish": completion.finish_reason,
+                    },
                 )
-            )
-
-    async def _attempt(self, send: Callable[[], Awaitable[Any]], tokens: int) -> Any:
-        limiter = self._limiter
-        assert limiter is not None
-        await limiter.acquire(tokens)
-        self.progress.calls += 1
-        try:
-            answer = await send()
-        except RowError as e:
-            if e.status is not None:
-                engine_loop().reached.add(self.base_url)
-            if isinstance(e, RateLimited):
-                limiter.on_rate_limited(e.retry_after)
-            elif isinstance(e, RetryableError):
-                limiter.on_failure()
-            raise
-        finally:
-            limiter.release()
-        loop = engine_loop()
-        loop.reached.add(self.base_url)
-        loop.verified.add(self._ident)
-        limiter.on_success()
-        return answer
+            return Outcome(value, None, False, *usage, completion.finish_reason)
 
     def _check(self, completion: Completion) -> Any:
         text = completion.text
@@ -574,27 +455,71 @@ class Batch:
             )
         return self.spec.post.parse(text)
 
-    def _abort(self, error: RowError) -> None:
-        if self._aborted is None:
-            self._aborted = BatchAborted(
-                f"stopped the batch after {self.progress.calls} call(s): {error.message}", error
+    async def embed_many_async(
+        self, texts: Sequence[str], keys: Sequence[str], batch_size: int
+    ) -> list[Outcome]:
+        """Embeddings of many inputs, ``batch_size`` inputs per request."""
+        client = self.client
+        transport = client.transport
+        results: list[Outcome] = [Outcome()] * len(texts)
+        chunks = iter(range(0, len(texts), batch_size))
+        params = self.params
+
+        async def worker() -> None:
+            for start in chunks:
+                part = list(texts[start : start + batch_size])
+                outcomes: list[Outcome]
+                if self.aborted is not None:
+                    outcomes = [Outcome(error=self.aborted.cause) for _ in part]
+                else:
+                    outcomes = await self._embed_part(
+                        client, transport.embed, part, keys[start:], params
+                    )
+                for i, outcome in enumerate(outcomes):
+                    results[start + i] = outcome
+                    self.count(outcome)
+
+        workers = min(self.width(), -(-len(texts) // batch_size))
+        await gather_all(worker() for _ in range(workers))
+        return results
+
+    async def _embed_part(
+        self,
+        client: EndpointClient,
+        embed: Callable[..., Awaitable[Embeddings]],
+        part: list[str],
+        keys: Sequence[str],
+        params: dict[str, Any],
+    ) -> list[Outcome]:
+        try:
+            answer = await client.send(
+                functools.partial(embed, self.model, part, params),
+                tokens=sum(estimate_tokens(t) for t in part),
+                policy=self.policy,
+                progress=self.progress,
             )
+        except BatchAborted as e:
+            self.aborted = self.aborted or e
+            return [Outcome(error=e.cause) for _ in part]
+        except RowError as e:
+            return [Outcome(error=e) for _ in part]
+        share = answer.prompt_tokens // max(1, len(part))
+        outcomes = []
+        for i, vector in enumerate(answer.vectors):
+            try:
+                value = self.spec.post.parse(vector)
+            except ContentError as e:
+                outcomes.append(Outcome(error=e))
+                continue
+            outcomes.append(Outcome(value, None, False, share, 0))
+            if self.cache is not None:
+                self.cache.put(keys[i], {"vector": vector, "usage": [share, 0]})
+        return outcomes
 
-    def _maybe_unreachable(self, error: RetryableError) -> None:
-        # An endpoint that has never answered and still refuses after every retry is down or
-        # mistyped: stop instead of failing every remaining row the same way.
-        if isinstance(error, ConnectionFailed) and self.base_url not in engine_loop().reached:
-            self._abort(
-                ConnectionFailed(
-                    f"{error.message}. Nothing at {self.base_url} has answered; check the "
-                    "endpoint URL ($OPENAI_BASE_URL, base_url= or --base-url) and that the "
-                    "server is up."
-                )
-            )
 
-
-async def _all_or_none(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Run workers together; if one fails unexpectedly, cancel the rest (no more paid calls)."""
+async def gather_all(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run tasks together; if one fails or the caller is cancelled, cancel the rest (no more
+    paid calls after the caller has gone)."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         await asyncio.gather(*tasks)
@@ -603,6 +528,19 @@ async def _all_or_none(coros: Iterable[Coroutine[Any, Any, None]]) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def _usage(value: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens of a cache entry's usage; zeros when it is unreadable."""
+    try:
+        prompt, completion = value
+        return max(0, int(prompt)), max(0, int(completion))
+    except (TypeError, ValueError):
+        return 0, 0
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
 @functools.lru_cache(maxsize=1)
@@ -624,51 +562,9 @@ def _for_llama_cpp(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _exhausted(error: RetryableError, attempts: int) -> RowError:
-    error.message = f"{error.message} (gave up after {attempts} attempt(s))"
-    error.args = (error.message,)
-    return error
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with full jitter before attempt ``attempt + 1``."""
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
-
-
 def estimate_tokens(text: str) -> int:
     """A provider-neutral token estimate: about four characters a token."""
     return len(text) // 4 + 1
-
-
-def progress_bar(
-    settings: Settings, total: int, counts: Callable[[], tuple[int, int, int]], unit: str = "req"
-) -> ProgressBar | None:
-    """A bar on a terminal (or as ``settings.progress`` says), fed by ``counts()`` =
-    (done, cached, failed); None when it should not show."""
-    show = settings.progress if settings.progress is not None else sys.stderr.isatty()
-    if not show or total == 0:
-        return None
-    return ProgressBar(total, counts, unit)
-
-
-class ProgressBar:
-    """A tqdm bar redrawn from running counters while the caller waits."""
-
-    def __init__(self, total: int, counts: Callable[[], tuple[int, int, int]], unit: str) -> None:
-        from tqdm import tqdm
-
-        self.counts = counts
-        self.bar = tqdm(total=total, unit=unit, desc="polars-llm", leave=False)
-
-    def update(self) -> None:
-        done, cached, failed = self.counts()
-        self.bar.n = done
-        self.bar.set_postfix(cached=cached, failed=failed, refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.update()
-        self.bar.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,6 +575,7 @@ DETAIL_FIELDS = {
     "cached": pl.Boolean(),
     "prompt_tokens": pl.Int64(),
     "completion_tokens": pl.Int64(),
+    "finish_reason": pl.String(),
 }
 
 
@@ -703,7 +600,7 @@ def _map_unique(
     column: pl.Series,
     spec: CallSpec,
     kind: str,
-    send: Callable[[Batch, list[str], list[str]], Awaitable[list[Outcome]]],
+    send: Callable[[Batch, list[str], list[str]], Coroutine[Any, Any, list[Outcome]]],
 ) -> pl.Series:
     """Dedup, split cache hits from misses, send the misses, scatter back to row order."""
     name = column.name
@@ -732,6 +629,7 @@ def _map_unique(
         columns["completion_tokens"] = pl.Series(
             [o.completion_tokens for o in outcomes], dtype=pl.Int64
         )
+        columns["finish_reason"] = pl.Series([o.finish_reason for o in outcomes], dtype=pl.String)
     joined = (
         column.rename("__key")
         .to_frame()

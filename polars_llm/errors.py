@@ -62,11 +62,23 @@ class CacheWriteError(PolarsLLMError):
     """Answers could not be written to the cache folder (full disk, permissions)."""
 
 
+_abort_causes: dict[str, RowError] = {}
+
+
 class BatchAborted(PolarsLLMError):
     """A fatal error stopped the whole batch, so that it does not fail row by row."""
 
     def __init__(self, message: str, cause: RowError | None = None) -> None:
         super().__init__(message)
+        # Polars re-raises an expression's error by calling its class with the message, to
+        # which it adds the expression after a blank line: find the cause it was raised with.
+        said = message.split("\n\n", 1)[0]
+        if cause is None:
+            cause = _abort_causes.get(said)
+        else:
+            _abort_causes[said] = cause
+            while len(_abort_causes) > 64:
+                del _abort_causes[next(iter(_abort_causes))]
         self.cause = cause
 
 

@@ -3,36 +3,43 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
 
+from . import interrupt
 from .engine import CallSpec, complete_series, embed_series, output_dtype
 from .errors import ConfigError
+from .options import split_options
 from .outputs import EmbedPost, LabelPost, PostProcess, SchemaPost, TextPost
 from .prompt import render
-from .settings import OnError, Settings
+from .settings import Settings
 
 
 def _spec(
     post: PostProcess,
     model: str | None,
     system: str | None,
-    params: dict[str, Any],
     settings: Settings | None,
     details: bool,
-    **overrides: Any,
+    options: dict[str, Any],
+    kind: str = "chat",
 ) -> CallSpec:
-    """The CallSpec of one method call; ``overrides`` are Settings fields given as arguments."""
+    """The CallSpec of one method call: ``options`` are settings and request parameters."""
+    overrides, params = split_options(options, kind=kind, where=f".llm call ({kind})")
+    # Built on the main thread, the expression's work stops on Ctrl-C there (see interrupt.py).
+    interrupt.install()
     return CallSpec(
         model=model,
         system=system,
         params=params,
         post=post,
         settings=settings,
-        overrides={k: v for k, v in overrides.items() if v is not None},
+        overrides=overrides,
         details=details,
+        interruptible=threading.current_thread() is threading.main_thread(),
     )
 
 
@@ -72,13 +79,8 @@ class LLMNamespace:
         temperature: float | None = None,
         max_tokens: int | None = None,
         details: bool = False,
-        on_error: OnError | None = None,
         settings: Settings | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        concurrency: int | None = None,
-        cache: bool | None = None,
-        **params: Any,
+        **options: Any,
     ) -> pl.Expr:
         """The model's answer to a prompt per row, as a String column.
 
@@ -91,16 +93,21 @@ class LLMNamespace:
             Model name; default from settings (``gpt-4o-mini`` remote, ``local`` embedded).
         system
             System message sent before every prompt.
-        temperature, max_tokens, **params
-            Sent as they are in the chat-completions body (``top_p``, ``seed``, ``stop``, ...).
+        temperature, max_tokens
+            Sent in the chat-completions body, like any other of its parameters given as a
+            keyword (``top_p=``, ``seed=``, ``stop=``, ...); provider-specific ones go in
+            ``extra_body={...}``. A keyword that is neither a parameter nor a setting is refused.
         details
             Return a struct ``{value, error, cached, prompt_tokens, completion_tokens}`` instead
             of the value alone, so failed rows keep their reason.
-        on_error
-            ``"raise"`` or ``"null"``; default from settings (``"raise"``).
-        settings, base_url, api_key, concurrency, cache
+        settings
             Endpoint and behaviour for this expression; default: ``polars_llm.configure()``
             settings, then the environment.
+        **options
+            Any :class:`~polars_llm.Settings` field overrides it for this expression:
+            ``base_url=``, ``api_key=``, ``concurrency=``, ``rpm=``, ``tpm=``, ``timeout=``,
+            ``max_attempts=``, ``retry_budget=``, ``on_error=`` (``"raise"`` or ``"null"``),
+            ``cache=``, ... Chat-completions parameters go in the request body.
 
         Identical prompts are sent once, answers are cached on disk, and null prompts give null.
 
@@ -131,14 +138,9 @@ class LLMNamespace:
             TextPost(),
             model,
             system,
-            {"temperature": temperature, "max_tokens": max_tokens, **params},
             settings,
             details,
-            base_url=base_url,
-            api_key=api_key,
-            concurrency=concurrency,
-            cache=cache,
-            on_error=on_error,
+            {"temperature": temperature, "max_tokens": max_tokens, **options},
         )
         return self._apply(template, spec)
 
@@ -152,13 +154,8 @@ class LLMNamespace:
         temperature: float | None = None,
         max_tokens: int | None = None,
         details: bool = False,
-        on_error: OnError | None = None,
         settings: Settings | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        concurrency: int | None = None,
-        cache: bool | None = None,
-        **params: Any,
+        **options: Any,
     ) -> pl.Expr:
         """Structured output: a ``pl.Struct`` column shaped by a Pydantic model or JSON schema.
 
@@ -187,14 +184,9 @@ class LLMNamespace:
             SchemaPost(schema),
             model,
             system,
-            {"temperature": temperature, "max_tokens": max_tokens, **params},
             settings,
             details,
-            base_url=base_url,
-            api_key=api_key,
-            concurrency=concurrency,
-            cache=cache,
-            on_error=on_error,
+            {"temperature": temperature, "max_tokens": max_tokens, **options},
         )
         return self._apply(template, spec)
 
@@ -208,13 +200,8 @@ class LLMNamespace:
         temperature: float | None = None,
         max_tokens: int | None = None,
         details: bool = False,
-        on_error: OnError | None = None,
         settings: Settings | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        concurrency: int | None = None,
-        cache: bool | None = None,
-        **params: Any,
+        **options: Any,
     ) -> pl.Expr:
         """One label per row from ``labels``, as a ``pl.Enum`` column.
 
@@ -245,14 +232,9 @@ class LLMNamespace:
             post,
             model,
             system,
-            {"temperature": temperature, "max_tokens": max_tokens, **params},
             settings,
             details,
-            base_url=base_url,
-            api_key=api_key,
-            concurrency=concurrency,
-            cache=cache,
-            on_error=on_error,
+            {"temperature": temperature, "max_tokens": max_tokens, **options},
         )
         return self._apply(template, spec)
 
@@ -263,13 +245,8 @@ class LLMNamespace:
         dimensions: int | None = None,
         batch_size: int = 256,
         details: bool = False,
-        on_error: OnError | None = None,
         settings: Settings | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        concurrency: int | None = None,
-        cache: bool | None = None,
-        **params: Any,
+        **options: Any,
     ) -> pl.Expr:
         """Embeddings as an ``pl.Array(pl.Float32, dim)`` column.
 
@@ -293,20 +270,14 @@ class LLMNamespace:
         """
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        if dimensions is not None:
-            params["dimensions"] = dimensions
         spec = _spec(
             EmbedPost(model, dimensions),
             model,
             None,
-            params,
             settings,
             details,
-            base_url=base_url,
-            api_key=api_key,
-            concurrency=concurrency,
-            cache=cache,
-            on_error=on_error,
+            {"dimensions": dimensions, **options},
+            kind="embed",
         )
         function = functools.partial(embed_series, batch_size=batch_size)
         return self._apply(None, spec, function)

@@ -21,15 +21,23 @@ from .schema import OutputSchema
 class PostProcess(Protocol):
     """Turns an answer's text into the column's value; part of the cache key."""
 
-    fingerprint: str | None
-    dtype: pl.DataType
+    @property
+    def fingerprint(self) -> str | None:
+        """What of the post-processing goes into the cache key (None: nothing)."""
+        ...
+
+    @property
+    def dtype(self) -> pl.DataType:
+        """The column's dtype, known before any call."""
+        ...
 
     def body_params(self) -> dict[str, Any]:
         """Extra request-body fields (e.g. ``response_format``)."""
         ...
 
-    def parse(self, text: str) -> Any:
-        """The value for the column; raises ``ContentError`` when the text is not usable."""
+    def parse(self, answer: Any) -> Any:
+        """The value for the column from the answer's text (chat) or vector (embeddings);
+        raises ``ContentError`` when it is not usable."""
         ...
 
     def repair(self, text: str, error: ContentError) -> list[dict[str, str]] | None:
@@ -66,6 +74,12 @@ class LabelPost:
     """
 
     def __init__(self, labels: Sequence[str]) -> None:
+        if isinstance(labels, str):
+            # list("pos") would be the labels "p", "o", "s".
+            raise ConfigError(
+                f"classify needs a list of labels, got the string {labels!r}; "
+                f"write [{labels!r}, ...]"
+            )
         labels = list(labels)
         if not labels or not all(isinstance(x, str) and x.strip() for x in labels):
             raise ConfigError("classify needs a non-empty list of non-empty string labels")

@@ -9,10 +9,9 @@ requests (so the same cache keys) in the same row order.
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import json
-import sys
+import tomllib
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -22,16 +21,13 @@ from typing import Any
 
 import polars as pl
 
-from .engine import Batch, CallSpec, Outcome, engine_loop, estimate_tokens, progress_bar
+from .engine import Batch, CallSpec, Outcome, engine_loop, estimate_tokens, gather_all
 from .errors import ColumnMismatch, ConfigError, TemplateError, TooManyFailures
+from .options import split_options
 from .outputs import LabelPost, PostProcess, SchemaPost, TextPost
+from .progress import Display, Progress
 from .prompt import _parse, placeholders, render
 from .settings import OnError, Settings, get_settings
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ERROR_COLUMN = "llm_error"
 
@@ -48,28 +44,86 @@ PRICES = {
 ASSUMED_COMPLETION_TOKENS = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Step:
     """One LLM column of a pipeline: its name, prompt template and how to call the model.
 
     ``schema`` (Pydantic model or JSON schema) makes it an ``extract`` step, ``labels`` a
-    ``classify`` step; otherwise the answer is text.
+    ``classify`` step; otherwise the answer is text. Other keywords are settings of this step
+    (``rpm=``, ``timeout=``, ... any :class:`~polars_llm.Settings` field) or chat-completions
+    parameters (``temperature=``, ``seed=``, ...); ``extra_body=`` carries provider-specific
+    ones. An unknown keyword is refused by name.
+
+    >>> Step("title", "Title for: {text}", temperature=0.2, rpm=600)
+    Step(name='title', template='Title for: {text}', params={'temperature': 0.2}, settings={'rpm': 600})
     """
 
     name: str
     template: str
-    model: str | None = None
-    system: str | None = None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    schema: Any = None
-    labels: Sequence[str] | None = None
+    model: str | None
+    system: str | None
+    params: Mapping[str, Any]
+    schema: Any
+    labels: Sequence[str] | None
+    settings: Mapping[str, Any]
 
-    def __post_init__(self) -> None:
-        if not self.name or not isinstance(self.name, str):
+    def __init__(
+        self,
+        name: str,
+        template: str,
+        model: str | None = None,
+        system: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        schema: Any = None,
+        labels: Sequence[str] | None = None,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if not name or not isinstance(name, str):
             raise ConfigError("every step needs a non-empty name")
-        if self.schema is not None and self.labels is not None:
-            raise ConfigError(f"step {self.name!r}: give schema or labels, not both")
-        placeholders(self.template)  # a malformed template fails here, not mid-run
+        if not isinstance(template, str):
+            raise ConfigError(f"step {name!r}: the prompt must be text, got {template!r}")
+        where = f"step {name!r}"
+        if params is not None and not isinstance(params, Mapping):
+            raise ConfigError(
+                f"{where}: params must be a table of request parameters, got {params!r}"
+            )
+        in_params, body = split_options(dict(params or {}), where=where)
+        if in_params:
+            raise ConfigError(
+                f"{where}: {', '.join(sorted(in_params))} is a setting, not a request parameter; "
+                "give it as a keyword of the step (or under [settings])"
+            )
+        overrides, extra = split_options(options, where=where)
+        if settings:
+            given, stray = split_options(dict(settings), where=where)
+            if stray:
+                raise ConfigError(
+                    f"{where}: {', '.join(sorted(stray))} is a request parameter, not a setting; "
+                    "put it under params = { ... }"
+                )
+            overrides = {**given, **overrides}
+        set_ = object.__setattr__
+        set_(self, "name", name)
+        set_(self, "template", template)
+        set_(self, "model", model)
+        set_(self, "system", system)
+        set_(self, "params", {**body, **extra})
+        set_(self, "schema", schema)
+        set_(self, "labels", labels)
+        set_(self, "settings", overrides)
+        if schema is not None and labels is not None:
+            raise ConfigError(f"step {name!r}: give schema or labels, not both")
+        placeholders(template)  # a malformed template fails here, not mid-run
+
+    def __repr__(self) -> str:
+        shown = [f"name={self.name!r}", f"template={self.template!r}"]
+        for key in ("model", "system", "params", "schema", "labels", "settings"):
+            value = getattr(self, key)
+            if value:
+                shown.append(f"{key}={value!r}")
+        return f"Step({', '.join(shown)})"
 
     def post(self) -> PostProcess:
         if self.schema is not None:
@@ -87,27 +141,26 @@ class Step:
             params=dict(self.params),
             post=post,
             settings=settings,
+            overrides=dict(self.settings),
         )
 
     @classmethod
     def from_mapping(cls, name: str, table: Mapping[str, Any]) -> Step:
-        """A step from a TOML table: prompt, model, system, params, schema, labels."""
+        """A step from a TOML table: prompt, model, system, params, schema, labels, and any
+        setting of this step (``rpm = 600``)."""
         known = {"prompt", "model", "system", "params", "schema", "labels"}
-        unknown = set(table) - known
-        if unknown:
-            raise ConfigError(
-                f"step {name!r}: unknown key(s) {sorted(unknown)}; known keys: {sorted(known)}"
-            )
         if "prompt" not in table:
             raise ConfigError(f"step {name!r} needs a prompt = '...' with {{column}} placeholders")
+        options = {k: v for k, v in table.items() if k not in known}
         return cls(
             name=name,
             template=table["prompt"],
             model=table.get("model"),
             system=table.get("system"),
-            params=dict(table.get("params", {})),
+            params=table.get("params"),
             schema=table.get("schema"),
             labels=table.get("labels"),
+            settings=options,
         )
 
 
@@ -264,11 +317,17 @@ class PipelineStats:
     rows: int = 0
     rows_done: int = 0
     rows_failed: int = 0
-    calls: int = 0
-    cached: int = 0
-    prompt_tokens: int = 0
+    calls: int = 0  # HTTP requests, retries and hedges included
+    retries: int = 0
+    hedges: int = 0
+    cached: int = 0  # answers served from the cache
+    prompt_tokens: int = 0  # paid by this run
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # served from the cache, not paid again
+    cached_completion_tokens: int = 0
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    # step name -> (endpoint URL, model) it was sent to
+    endpoints: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class _Template:
@@ -354,7 +413,7 @@ def pipeline(
                 # goes straight to the endpoint without another lookup on the loop.
                 hit = first.get(text)
                 if hit is not None:
-                    batch._count(hit)
+                    batch.count(hit)
                     outcome = hit
                 else:
                     outcome = await batch.complete_async(key, text)
@@ -377,40 +436,47 @@ def pipeline(
                 await run_row(i)
                 stats.rows_done += 1
 
-        # Enough row chains in flight to keep every step's limiter busy at once.
+        # Enough row chains in flight to keep every step's limiter busy at once. If one chain
+        # fails unexpectedly the others are cancelled: no paid calls after the caller returned.
         width = sum(b.width() for b in batches)
-        await asyncio.gather(*(worker() for _ in range(min(df.height, width))))
+        await gather_all(worker() for _ in range(min(df.height, width)))
 
-    bar = None
+    display = None
     if progress is None:
-        bar = progress_bar(
-            base, df.height, lambda: (stats.rows_done, stats.cached, stats.rows_failed), "row"
+        display = Display(
+            df.height,
+            lambda: (stats.rows_done, stats.cached, stats.rows_failed),
+            show=base.progress,
+            unit="row",
         )
 
     def report() -> None:
         _fold(stats, batches, base_counts)
         if progress is not None:
             progress(stats)
-        if bar is not None:
-            bar.update()
+        if display is not None:
+            display.update()
 
-    base_counts = (stats.calls, stats.cached, stats.prompt_tokens, stats.completion_tokens)
+    base_counts = Progress()
+    base_counts.add(stats_progress(stats))
     if any(first.get(t) is None for t in first) or len(steps) > 1:
         for batch in batches:
             batch.connect()
+    for step, batch in zip(steps, batches, strict=True):
+        stats.endpoints[step.name] = (batch.base_url, batch.model)
     try:
         engine_loop().run(run_all(), on_wait=report)
     finally:
         for batch in batches:
             if batch.cache is not None:
                 batch.cache.flush()
-        if bar is not None:
-            bar.close()
-            bar = None
+        if display is not None:
+            display.close()
+            display = None
     report()
     for batch in batches:
-        if batch._aborted is not None:
-            raise batch._aborted
+        if batch.aborted is not None:
+            raise batch.aborted
     failed = sum(e is not None for e in errors)
     if failed and base.on_error == "raise":
         first_error = next(e for e in errors if e is not None)
@@ -430,11 +496,30 @@ def pipeline(
     return df.with_columns(new)
 
 
-def _fold(stats: PipelineStats, batches: Sequence[Batch], base: tuple[int, ...]) -> None:
-    stats.calls = base[0] + sum(b.progress.calls for b in batches)
-    stats.cached = base[1] + sum(b.progress.cached for b in batches)
-    stats.prompt_tokens = base[2] + sum(b.progress.prompt_tokens for b in batches)
-    stats.completion_tokens = base[3] + sum(b.progress.completion_tokens for b in batches)
+_FOLDED = (
+    "calls",
+    "retries",
+    "hedges",
+    "cached",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_prompt_tokens",
+    "cached_completion_tokens",
+)
+
+
+def stats_progress(stats: PipelineStats) -> Progress:
+    """The request counters of ``stats``, as a Progress."""
+    return Progress(**{name: getattr(stats, name) for name in _FOLDED})
+
+
+def _fold(stats: PipelineStats, batches: Sequence[Batch], base: Progress) -> None:
+    total = Progress()
+    total.add(base)
+    for b in batches:
+        total.add(b.progress)
+    for name in _FOLDED:
+        setattr(stats, name, getattr(total, name))
 
 
 def _prefetch_first_step(df: pl.DataFrame, step: Step, batch: Batch) -> dict[str, Outcome | None]:
@@ -514,7 +599,7 @@ def plan(
                     rows[i][step.name] = _as_text(outcome.value)
                 continue
             sp.to_send += 1
-            sp.est_prompt_tokens += estimate_tokens(text) + batch._system_tokens
+            sp.est_prompt_tokens += estimate_tokens(text) + batch.system_tokens
             sp.est_completion_tokens += max_tokens
             for i in row_ids:
                 pending[i].add(step.name)

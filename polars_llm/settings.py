@@ -105,14 +105,20 @@ class Settings:
     transport: Literal["aiohttp", "openai"] = "aiohttp"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name))
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be a positive number or None, got {value}")
-        if self.timeout <= 0:
-            raise ConfigError(f"timeout must be positive seconds, got {self.timeout}")
+        for name in ("timeout", "retry_budget"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive seconds, got {getattr(self, name)}")
+        for name in ("backoff_base", "backoff_max"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be zero or more seconds, got {getattr(self, name)}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be at least 1, got {self.max_attempts}")
         if self.on_error not in ("raise", "null"):
@@ -126,6 +132,15 @@ class Settings:
         if self.transport not in ("aiohttp", "openai"):
             raise ConfigError(f"transport must be 'aiohttp' or 'openai', got {self.transport!r}")
 
+    def __repr__(self) -> str:
+        # The API key never shows: not in logs, task names or a dashboard.
+        shown = ", ".join(
+            f"{f.name}={'***' if f.name == 'api_key' and self.api_key else repr(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        )
+        return f"Settings({shown})"
+
     def cache_path(self) -> Path | None:
         """The cache folder to use for a call, or None when caching is off."""
         enabled = self.cache if self.cache is not None else _cache_enabled_by_env()
@@ -134,12 +149,11 @@ class Settings:
         return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
 
     def replace(self, **changes: object) -> Settings:
-        """A copy with some fields changed; ``None`` values are ignored, so callers can pass through."""
-        changes = {k: v for k, v in changes.items() if v is not None}
+        """A copy with the given fields changed; ``None`` is a value too (``rpm=None`` unsets)."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        return dataclasses.replace(self, **changes) if changes else self
+        return dataclasses.replace(self, **changes) if changes else self  # type: ignore[arg-type]
 
     def endpoint(self, model: str | None = None) -> Endpoint:
         """Where a call goes: explicit base_url, then the environment, then the embedded model."""
@@ -149,6 +163,14 @@ class Settings:
         base_url = self.base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = self.api_key or os.environ.get("OPENAI_API_KEY") or None
         if base_url is None and api_key is None:
+            if model is not None:
+                # The embedded model answers only for itself: silently answering a named
+                # remote model with it would pass off a tiny model's text as that model's.
+                raise ConfigError(
+                    f"model {model!r} needs an endpoint and none is configured: give base_url= "
+                    "(or $OPENAI_BASE_URL), or $OPENAI_API_KEY for OpenAI; or use model='local' "
+                    "for the embedded model"
+                )
             return Endpoint.embedded()
         base_url = base_url or OPENAI_URL
         _check_url(base_url)
@@ -174,6 +196,41 @@ class Endpoint:
         return cls(base_url="local:", api_key="local", local=True)
 
 
+# The type each field takes, for one clear error on a wrong one (e.g. from a TOML file).
+_TYPES: dict[str, tuple[type, ...]] = {
+    "base_url": (str, type(None)),
+    "api_key": (str, type(None)),
+    "model": (str, type(None)),
+    "concurrency": (int,),
+    "rpm": (int, type(None)),
+    "tpm": (int, type(None)),
+    "timeout": (int, float),
+    "max_attempts": (int,),
+    "retry_budget": (int, float),
+    "backoff_base": (int, float),
+    "backoff_max": (int, float),
+    "cache": (bool, type(None)),
+    "cache_dir": (str, Path, type(None)),
+    "on_error": (str,),
+    "truncated_is_error": (bool,),
+    "progress": (bool, type(None)),
+    "shared_url": (str, type(None)),
+    "batch": (bool,),
+    "transport": (str,),
+}
+
+
+def _check_type(name: str, value: object) -> None:
+    types = _TYPES.get(name)
+    if types is None:
+        return
+    # bool is an int in Python, but "concurrency = true" is a mistake, not 1.
+    ok = False if isinstance(value, bool) and bool not in types else isinstance(value, types)
+    if not ok:
+        wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)
+        raise ConfigError(f"setting {name} must be {wanted}, got {value!r}")
+
+
 def _check_url(url: str) -> None:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -189,8 +246,8 @@ _defaults = Settings()
 def configure(settings: Settings | None = None, **changes: object) -> Settings:
     """Set the process-wide default settings used by every call that does not pass its own.
 
-    ``configure(concurrency=64, rpm=500)`` changes some fields; ``configure(Settings(...))``
-    replaces them all. Returns the new defaults.
+    ``configure(concurrency=64, rpm=500)`` changes some fields (``configure(rpm=None)`` removes
+    the limit); ``configure(Settings(...))`` replaces them all. Returns the new defaults.
     """
     global _defaults
     base = settings if settings is not None else _defaults

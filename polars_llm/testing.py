@@ -60,6 +60,7 @@ from typing import Any
 from aiohttp import web
 
 from ._fake_batches import FakeBatches
+from .options import CHAT_PARAMS, EMBED_PARAMS
 
 __all__ = [
     "FakeServer",
@@ -140,6 +141,10 @@ class FakeServer:
     input) to how its answer goes wrong: ``"drip"`` (the body comes one byte a second),
     ``"endless"`` (a body that never ends), ``"invalid-utf8"`` (raw bytes that are not UTF-8)
     or ``"bad-usage"`` (a ``usage`` field whose counts are not numbers).
+    ``retry_after``, when given, is the ``retry-after`` header of every 429 (and the only
+    wait the 429 names), e.g. ``"100000"`` for a server that asks for a day.
+    ``strict_params`` answers 400 to a body field that is not an OpenAI parameter, as OpenAI
+    does ("Unrecognized request argument supplied").
     ``reply(body)`` returns the chat reply text, instead of the default echo or
     schema-valid JSON; it runs on the server's event loop, so it should be quick.
     Requests run concurrently on that loop; ``stats()``, ``reset_stats()`` and
@@ -168,6 +173,8 @@ class FakeServer:
         models: Iterable[str] | None = None,
         quota_exhausted: bool = False,
         broken_answers: Mapping[str, str] | None = None,
+        retry_after: str | None = None,
+        strict_params: bool = True,
         embedding_dim: int = 8,
         batch_seconds: float = 1.0,
         batch_error_rate: float = 0.0,
@@ -212,6 +219,8 @@ class FakeServer:
         for kind in self.broken_answers.values():
             if kind not in BROKEN_ANSWERS:
                 raise ValueError(f"broken_answers: {kind!r} is none of {', '.join(BROKEN_ANSWERS)}")
+        self.retry_after = retry_after
+        self.strict_params = strict_params
         self.embedding_dim = embedding_dim
         self.seed = seed
         self.host = host
@@ -458,15 +467,16 @@ class FakeServer:
                 self._stats.prompts[prompt] = self._stats.prompts.get(prompt, 0) + 1
             prompt_tokens = estimate_tokens("".join(_content_text(m) for m in messages))
         else:
-            texts = _embedding_inputs(body.get("input"))
+            inputs = _embedding_inputs(body.get("input"))
             with self._lock:
                 self._history.append(body)
-                if texts is not None:
-                    self._stats.embedding_inputs += len(texts)
-            if texts is None:
+                if inputs is not None:
+                    self._stats.embedding_inputs += len(inputs)
+            if inputs is None:
                 return _error(
                     400, "'input' must be a string or a non-empty array of strings.", "input"
                 )
+            texts = inputs
             prompt_tokens = estimate_tokens("".join(texts))
 
         if (refusal := self._check_key(request)) is not None:
@@ -476,6 +486,13 @@ class FakeServer:
             return refusal
         if body.get("stream"):
             return _error(400, "The fake server does not stream; call without stream=True.")
+        if self.strict_params:
+            known = _CHAT_FIELDS if chat else _EMBEDDING_FIELDS
+            unknown = sorted(set(body) - known)
+            if unknown:
+                return _error(
+                    400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0]
+                )
         if self.quota_exhausted:
             return _error(
                 429,
@@ -569,6 +586,8 @@ class FakeServer:
                 wait_ms = max(1, math.ceil(wait * 1000))
                 headers["retry-after-ms"] = str(wait_ms)
                 headers["retry-after"] = str(max(1, math.ceil(wait_ms / 1000)))
+                if self.retry_after is not None:
+                    headers = {"retry-after": self.retry_after}
                 message = (
                     f"Rate limit reached for {model} in organization org-fake on {kind} per "
                     f"min ({unit}): Limit {bucket.limit}, Used {bucket.used()}, Requested "
@@ -621,7 +640,8 @@ class FakeServer:
             text = text[: max_tokens * 4]
             finish_reason = "length"
         completion_tokens = estimate_tokens(text)
-        n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+        asked = body.get("n")
+        n = asked if isinstance(asked, int) and asked > 0 else 1
         choices = [
             {
                 "index": i,
@@ -686,6 +706,10 @@ class FakeServer:
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
         }
         return web.json_response(payload, headers=headers)
+
+
+_CHAT_FIELDS = CHAT_PARAMS | {"model", "messages", "stream"}
+_EMBEDDING_FIELDS = EMBED_PARAMS | {"model", "input", "encoding_format"}
 
 
 class _Bucket:
@@ -1072,9 +1096,11 @@ def _bounds(schema: dict[str, Any], *, integer: bool) -> tuple[float, float]:
     if low is None and high is None:
         low, high = 0, 100
     elif low is None:
+        assert high is not None
         low = high - 100
     elif high is None:
         high = low + 100
+    assert low is not None and high is not None
     if integer:
         low, high = math.ceil(low), math.floor(high)
     return low, max(low, high)
@@ -1193,6 +1219,7 @@ _CLI_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "hang_seconds": (float, "how long a hung request hangs (default 3600)"),
     "api_key": (str, "the only API key accepted (default: any)"),
     "models": (str, "comma-separated model names accepted (default: any)"),
+    "retry_after": (str, "the retry-after header of every 429, e.g. 100000"),
     "embedding_dim": (int, "embedding length when the request gives no dimensions (default 8)"),
     "batch_seconds": (float, "seconds a batch stays in_progress on its clock (default 1)"),
     "batch_error_rate": (float, "share of batch lines answered 500"),

@@ -170,7 +170,7 @@ class AiohttpTransport:
                 status = response.status
                 raw = await _read_capped(response, cap, self.base_url)
                 headers = response.headers
-        except asyncio.TimeoutError as e:  # aiohttp's timeouts are asyncio.TimeoutErrors too
+        except TimeoutError as e:  # aiohttp's timeouts are asyncio.TimeoutErrors too
             raise RequestTimeout(f"no answer from {self.base_url} within the timeout") from e
         except aiohttp.ClientError as e:
             raise ConnectionFailed(f"connection to {self.base_url} failed: {e}") from e
@@ -264,7 +264,7 @@ class OpenAITransport:
             raw, headers = await asyncio.wait_for(self._exchange(path, body, cap), self.timeout)
         except openai.OpenAIError as e:
             raise map_error(e, self.base_url) from e
-        except (asyncio.TimeoutError, httpx2.TimeoutException) as e:
+        except (TimeoutError, httpx2.TimeoutException) as e:
             raise RequestTimeout(f"no answer from {self.base_url} within the timeout") from e
         except httpx2.TransportError as e:  # the body broke off after the SDK handed it over
             raise ConnectionFailed(f"connection to {self.base_url} failed: {e}") from e

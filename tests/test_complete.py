@@ -133,6 +133,7 @@ def test_schema_resolves_without_calls(server: FakeServer, use: object) -> None:
             "cached": pl.Boolean,
             "prompt_tokens": pl.Int64,
             "completion_tokens": pl.Int64,
+            "finish_reason": pl.String,
         }
     )
     assert server.stats().calls == 0
@@ -235,13 +236,14 @@ def test_malformed_endpoint_is_a_config_error() -> None:
         )
 
 
-def test_first_batch_opens_up_after_the_probe_answers() -> None:
-    """On a new endpoint one request goes first; once it answers, the rest go together."""
-    with FakeServer(latency=0.2) as server:
+def test_a_new_endpoint_gets_the_whole_concurrency_at_once() -> None:
+    """A new endpoint is not probed with one request first: the first batch fills the
+    concurrency from its first round trip (a bad key still stops at the first answer)."""
+    with FakeServer(latency=0.5) as server:
         polars_llm.configure(base_url=server.base_url, api_key="k", concurrency=32)
-        pl.DataFrame({"q": [f"q{i}" for i in range(40)]}).with_columns(a=pl.col("q").llm.complete())
-    # One at a time would keep this at 1 (40 x 0.2 s is under the probe's 10 s wait).
-    assert server.stats().max_in_flight >= 16
+        pl.DataFrame({"q": [f"q{i}" for i in range(32)]}).with_columns(a=pl.col("q").llm.complete())
+    # One round trip: a probe would have sent one request alone, then the other 31.
+    assert server.stats().max_in_flight >= 24
 
 
 def test_numbers_are_sent_as_text_without_a_template(server: FakeServer, use: object) -> None:
@@ -253,7 +255,9 @@ def test_numbers_are_sent_as_text_without_a_template(server: FakeServer, use: ob
 def test_embeddings_on_the_embedded_model_are_refused_upfront() -> None:
     """The embedded model serves no embeddings: embed says so instead of failing row by row."""
     with pytest.raises(polars_llm.ConfigError, match="not embeddings"):
-        pl.DataFrame({"t": ["x"]}).with_columns(v=pl.col("t").llm.embed(model="m", dimensions=4))
+        pl.DataFrame({"t": ["x"]}).with_columns(
+            v=pl.col("t").llm.embed(model="local", dimensions=4)
+        )
 
 
 CHILD_AFTER_FORK = """

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 
 import polars_llm
+from polars_llm.endpoint import NEVER_REACHED_ATTEMPTS, REFUSALS_BEFORE_STOP
 from polars_llm.errors import TooManyFailures
 from polars_llm.settings import Settings
 from polars_llm.testing import FakeServer
@@ -126,12 +127,13 @@ def test_connection_resets_are_retried_to_success(transport: str) -> None:
 # --------------------------------------------------------------------------------------------
 @TRANSPORTS
 def test_bad_key_aborts_after_a_handful_of_calls(transport: str) -> None:
-    """A wrong API key stops a 1,000-row job after at most 3 calls with a message about the key."""
+    """A wrong API key stops a 1,000-row job within the first round of the concurrency (a 401
+    is not billed), with a message about the key."""
     with FakeServer(api_key="right-key") as server:
         point(server, api_key="wrong-key", transport=transport)
         with pytest.raises(polars_llm.BatchAborted, match="API key"):
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
-        assert server.stats().calls <= 3
+        assert server.stats().calls <= polars_llm.get_settings().concurrency
 
 
 def test_bad_key_aborts_even_with_on_error_null() -> None:
@@ -140,18 +142,19 @@ def test_bad_key_aborts_even_with_on_error_null() -> None:
         point(server, api_key="wrong-key", on_error="null")
         with pytest.raises(polars_llm.BatchAborted, match="API key"):
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}", details=True))
-        assert server.stats().calls <= 3
+        assert server.stats().calls <= polars_llm.get_settings().concurrency
 
 
 @TRANSPORTS
 def test_unknown_model_aborts_after_a_handful_of_calls(transport: str) -> None:
-    """An unknown model (404) stops a 1,000-row job after at most 3 calls, naming the model."""
+    """An unknown model (404) stops a 1,000-row job within the first round of the
+    concurrency, naming the model."""
     with FakeServer(models=["real-model"]) as server:
         point(server, transport=transport)
         with pytest.raises(polars_llm.BatchAborted, match="model") as info:
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}", model="no-such-model"))
         assert "no-such-model" in str(info.value)
-        assert server.stats().calls <= 3
+        assert server.stats().calls <= polars_llm.get_settings().concurrency
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +307,7 @@ def test_429_storm_finishes_every_row_and_the_client_pauses() -> None:
 
 
 def test_bad_key_on_an_endpoint_already_reached_aborts_fast() -> None:
-    """A wrong key stops a 1,000-row job after at most 3 calls even on an endpoint that has
+    """A wrong key stops a 1,000-row job within one round of the concurrency even on an endpoint that has
     answered before (with another key)."""
     with FakeServer(api_key="right-key") as server:
         point(server, api_key="right-key")
@@ -313,11 +316,11 @@ def test_bad_key_on_an_endpoint_already_reached_aborts_fast() -> None:
         point(server, api_key="revoked-key")
         with pytest.raises(polars_llm.BatchAborted, match="API key"):
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
-        assert server.stats().calls <= 3
+        assert server.stats().calls <= polars_llm.get_settings().concurrency
 
 
 def test_unknown_model_on_an_endpoint_already_reached_aborts_fast() -> None:
-    """A mistyped model stops a 1,000-row job after at most 3 calls even when the endpoint has
+    """A mistyped model stops a 1,000-row job within one round of the concurrency even when it has
     already served another model."""
     with FakeServer(models=["real-model"]) as server:
         point(server, model="real-model")
@@ -325,7 +328,7 @@ def test_unknown_model_on_an_endpoint_already_reached_aborts_fast() -> None:
         server.reset_stats()
         with pytest.raises(polars_llm.BatchAborted, match="no-such-model"):
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}", model="no-such-model"))
-        assert server.stats().calls <= 3
+        assert server.stats().calls <= polars_llm.get_settings().concurrency
 
 
 def closed_port() -> int:
@@ -346,8 +349,8 @@ def test_unreachable_endpoint_stops_after_bounded_attempts(
     with pytest.raises(polars_llm.BatchAborted, match="check the endpoint URL") as info:
         frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
     assert url in str(info.value)
-    # The first request probes alone until it gives up: about max_attempts, not 4,000.
-    assert attempts[0] <= 2 * settings.max_attempts
+    # The first round of the concurrency, then a stop: not max_attempts x 1,000.
+    assert attempts[0] <= settings.concurrency + NEVER_REACHED_ATTEMPTS
 
 
 def test_too_many_failures_carries_the_counts() -> None:
@@ -366,7 +369,7 @@ def test_exhausted_quota_stops_the_batch(transport: str) -> None:
         point(server, transport=transport)
         with pytest.raises(polars_llm.BatchAborted, match="out of quota"):
             frame(1000).with_columns(a=pl.col("q").llm.complete("Say {q}"))
-        assert server.stats().calls <= 3
+        assert server.stats().calls <= polars_llm.get_settings().concurrency
 
 
 def test_endpoint_dying_mid_run_stops_the_batch() -> None:
@@ -393,9 +396,11 @@ def test_requests_refused_before_any_success_stop_the_batch(server: FakeServer) 
     """An endpoint that refuses the request's shape (400) before anything ever succeeded stops
     the batch after a few calls, instead of failing every row one by one."""
     point(server)
-    with pytest.raises(polars_llm.BatchAborted, match="does not stream"):
-        frame(500).with_columns(a=pl.col("q").llm.complete("Say {q}", stream=True))
-    assert server.stats().calls <= 3
+    with pytest.raises(polars_llm.BatchAborted, match="Unrecognized request argument"):
+        frame(500).with_columns(
+            a=pl.col("q").llm.complete("Say {q}", extra_body={"top_k": 5}, concurrency=4)
+        )
+    assert server.stats().calls <= 4 + REFUSALS_BEFORE_STOP
 
 
 def test_truncated_answers_cached_earlier_are_not_served_when_they_became_errors(

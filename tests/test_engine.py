@@ -1,0 +1,312 @@
+"""Engine v2: keywords, hung requests, bounded waits, Ctrl-C, single-flight, endpoint health."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import polars_llm
+from polars_llm.engine import engine_loop
+from polars_llm.options import CHAT_PARAMS
+from polars_llm.testing import FakeServer, spawn_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def frame(n: int, prefix: str = "q") -> pl.DataFrame:
+    return pl.DataFrame({"q": [f"{prefix}{i}" for i in range(n)]})
+
+
+# -- keywords --------------------------------------------------------------------------------
+def test_setting_keywords_never_reach_the_request_body(server: FakeServer) -> None:
+    """rpm=, timeout= and the other settings change behaviour and never go into the body."""
+    out = frame(5).with_columns(
+        a=pl.col("q").llm.complete(
+            "{q}",
+            base_url=server.base_url,
+            api_key="k",
+            rpm=1200,
+            timeout=20,
+            max_attempts=3,
+            retry_budget=60,
+            concurrency=4,
+            temperature=0.1,
+            seed=7,
+        )
+    )
+    assert out["a"].to_list() == [f"echo: q{i}" for i in range(5)]
+    for body in server.history:
+        assert set(body) == {"model", "messages", "temperature", "seed"}
+
+
+def test_an_unknown_keyword_is_refused_by_name(server: FakeServer) -> None:
+    """A keyword that is neither a setting nor a request parameter names itself in the error."""
+    with pytest.raises(polars_llm.ConfigError, match=r"'tempreature'.*did you mean 'temperature'"):
+        pl.col("q").llm.complete(base_url=server.base_url, tempreature=0.2)
+    with pytest.raises(polars_llm.ConfigError, match="'rpn'"):
+        polars_llm.Step("s", "{q}", rpn=10)
+    assert server.history == []
+
+
+def test_provider_parameters_go_through_extra_body() -> None:
+    """extra_body= puts provider-specific fields into the body as they are."""
+    lenient = FakeServer(strict_params=False).start()
+    try:
+        frame(1).with_columns(
+            a=pl.col("q").llm.complete(
+                base_url=lenient.base_url, api_key="k", extra_body={"top_k": 5}
+            )
+        )
+        assert lenient.history[0]["top_k"] == 5
+    finally:
+        lenient.stop()
+
+
+def test_a_step_takes_settings_and_parameters_as_keywords(server: FakeServer) -> None:
+    """Step(..., rpm=, timeout=, temperature=) splits them the same way as the methods."""
+    step = polars_llm.Step("a", "{q}", rpm=600, timeout=30, temperature=0.3)
+    assert dict(step.settings) == {"rpm": 600, "timeout": 30}
+    assert dict(step.params) == {"temperature": 0.3}
+    out = polars_llm.pipeline(
+        frame(3),
+        [step],
+        settings=polars_llm.Settings(base_url=server.base_url, api_key="k"),
+    )
+    assert out["a"].to_list() == ["echo: q0", "echo: q1", "echo: q2"]
+    assert {k for body in server.history for k in body} <= {"model", "messages"} | CHAT_PARAMS
+    assert all("rpm" not in body and "timeout" not in body for body in server.history)
+
+
+def test_configure_none_unsets_a_limit() -> None:
+    """configure(rpm=None) removes the limit instead of being ignored."""
+    polars_llm.configure(rpm=100)
+    assert polars_llm.configure(rpm=None).rpm is None
+
+
+def test_the_api_key_never_shows_in_repr() -> None:
+    """repr(Settings) hides the key."""
+    assert "sk-secret" not in repr(polars_llm.Settings(api_key="sk-secret"))
+
+
+def test_a_wrongly_typed_setting_is_one_clear_error() -> None:
+    """A setting of the wrong type (e.g. from a TOML file) names the setting and the type."""
+    with pytest.raises(polars_llm.ConfigError, match="setting concurrency must be int"):
+        polars_llm.Settings(concurrency="8")  # type: ignore[arg-type]
+
+
+def test_labels_given_as_one_string_are_refused() -> None:
+    """labels="pos" is a mistake, not the labels p, o and s."""
+    with pytest.raises(polars_llm.ConfigError, match="list of labels"):
+        pl.col("q").llm.classify("pos")  # type: ignore[arg-type]
+
+
+def test_a_named_remote_model_needs_an_endpoint() -> None:
+    """With no endpoint configured, model="gpt-4o-mini" is an error, not the embedded model."""
+    with pytest.raises(polars_llm.ConfigError, match=r"needs an endpoint.*model='local'"):
+        frame(1).with_columns(a=pl.col("q").llm.complete(model="gpt-4o-mini"))
+
+
+# -- hung requests and bounded waits ---------------------------------------------------------
+@pytest.mark.timeout(150)
+def test_hung_requests_never_freeze_a_batch() -> None:
+    """With 5% of requests hanging for an hour and the default timeout, a 300-row job at
+    concurrency 8 finishes: hung requests give back their slot and are hedged."""
+    with FakeServer(latency=0.02, hang_rate=0.05, hang_seconds=3600, seed=3) as server:
+        out = frame(300).with_columns(
+            a=pl.col("q").llm.complete(
+                base_url=server.base_url, api_key="k", concurrency=8, details=True
+            )
+        )
+        stats = server.stats()
+    values = out["a"].struct.field("value")
+    assert values.null_count() == 0
+    assert values.to_list() == [f"echo: q{i}" for i in range(300)]
+    hung = stats.calls - stats.status_counts.get(200, 0)
+    assert hung > 0  # the fault really happened
+    assert stats.status_counts.get(200, 0) >= 300
+
+
+@pytest.mark.timeout(120)
+def test_a_huge_retry_after_is_capped() -> None:
+    """A 429 asking to wait 100,000 s is capped: the batch finishes instead of sleeping a day."""
+    with spawn_server(rpm=600, burst_seconds=0.2, retry_after="100000") as server:
+        out = frame(30).with_columns(
+            a=pl.col("q").llm.complete(base_url=server.base_url, api_key="k", on_error="null")
+        )
+        counts = server.stats().status_counts
+    assert counts.get(429, 0) > 0  # the server really asked for the long wait
+    assert out["a"].null_count() == 0
+
+
+def test_retry_after_never_outlives_the_retry_budget() -> None:
+    """A row whose budget is shorter than the (capped) retry-after fails with its 429 at once."""
+    with spawn_server(rpm=60, burst_seconds=0.02, retry_after="100000") as server:
+        out = frame(5).with_columns(
+            a=pl.col("q").llm.complete(
+                base_url=server.base_url,
+                api_key="k",
+                retry_budget=5,
+                on_error="null",
+                details=True,
+            )
+        )
+    errors = out["a"].struct.field("error").drop_nulls().to_list()
+    assert errors and all(e.startswith("RateLimited") for e in errors)
+
+
+# -- one call per prompt, whatever the engine ------------------------------------------------
+def test_streaming_engine_pays_once_per_unique_prompt() -> None:
+    """The streaming engine runs the expression per morsel on several threads; a prompt
+    repeated across morsels is still paid once."""
+    unique = 400
+    rows = 240_000  # several morsels
+    with FakeServer(latency=0.01) as server:
+        lf = pl.LazyFrame({"q": [f"p{i % unique}" for i in range(rows)]}).with_columns(
+            a=pl.col("q").llm.complete(base_url=server.base_url, api_key="k")
+        )
+        out = lf.collect(engine="streaming")
+        calls = server.stats().calls
+    assert out.height == rows
+    assert out["a"].null_count() == 0
+    assert calls == unique
+
+
+def test_a_request_in_flight_is_joined_not_sent_again(server: FakeServer) -> None:
+    """Two expressions of one with_columns asking the same prompts share each call."""
+    slow = FakeServer(latency=0.3).start()
+    try:
+        kw = {"base_url": slow.base_url, "api_key": "k", "cache": False}
+        frame(20).with_columns(
+            a=pl.col("q").llm.complete("{q}", **kw), b=pl.col("q").llm.complete("{q}", **kw)
+        )
+        assert slow.stats().calls == 20
+    finally:
+        slow.stop()
+
+
+# -- endpoint health -------------------------------------------------------------------------
+def test_a_bad_key_stops_every_batch_on_the_endpoint() -> None:
+    """Two expressions on one endpoint with a revoked key both stop at the first answers: the
+    calls stay within one round of the concurrency, not one per row."""
+    with FakeServer(api_key="right") as server:
+        kw = {"base_url": server.base_url, "api_key": "revoked", "concurrency": 8}
+        with pytest.raises(polars_llm.BatchAborted, match="API key") as info:
+            frame(1000).with_columns(
+                a=pl.col("q").llm.complete("A {q}", **kw), b=pl.col("q").llm.complete("B {q}", **kw)
+            )
+        assert server.stats().calls <= 2 * 8
+    assert isinstance(info.value.cause, polars_llm.errors.AuthError)
+
+
+def test_idle_endpoint_clients_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map of endpoint clients does not grow for the life of the process."""
+    import polars_llm.engine as engine
+
+    monkeypatch.setattr(engine, "IDLE_CLOSE", 0.0)
+    with FakeServer() as server:
+        for key in ("k1", "k2", "k3", "k4"):
+            frame(2).with_columns(
+                a=pl.col("q").llm.complete(base_url=server.base_url, api_key=key, cache=False)
+            )
+    assert len(engine_loop().endpoints) <= 2
+
+
+def test_pipeline_stops_paying_once_it_has_failed(server: FakeServer) -> None:
+    """When a pipeline fails mid-run, its remaining rows stop: no calls after it returned."""
+    slow = FakeServer(latency=0.2).start()
+    try:
+
+        def fail(stats: object) -> None:
+            raise RuntimeError("the caller gave up")
+
+        with pytest.raises(RuntimeError, match="gave up"):
+            polars_llm.pipeline(
+                frame(400),
+                [polars_llm.Step("a", "{q}")],
+                settings=polars_llm.Settings(base_url=slow.base_url, api_key="k", concurrency=8),
+                progress=fail,
+            )
+        time.sleep(0.5)
+        calls = slow.stats().calls
+        time.sleep(1.0)
+        assert slow.stats().calls == calls < 400
+    finally:
+        slow.stop()
+
+
+# -- Ctrl-C ----------------------------------------------------------------------------------
+SIGINT_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading, time
+    import polars as pl
+    import polars_llm
+
+    base_url = sys.argv[1]
+    df = pl.DataFrame({"q": [f"p{i}" for i in range(600)]})
+    kw = dict(base_url=base_url, api_key="k", concurrency=4, cache=False)
+    other = {}
+
+    def second_thread():
+        # Run on its own thread: Ctrl-C on the main thread leaves it alone. (A Polars query
+        # that runs while the signal lands is cancelled by Polars itself, so this thread waits
+        # in polars_llm.pipeline, which runs its steps outside any Polars query.)
+        settings = polars_llm.Settings(**kw)
+        other["out"] = polars_llm.pipeline(
+            df.head(40), [polars_llm.Step("a", "{q}")], settings=settings
+        )
+
+    t = threading.Thread(target=second_thread)
+    t.start()
+    print("ready", flush=True)
+    try:
+        df.with_columns(a=pl.col("q").llm.complete("{q}", **kw))
+    except KeyboardInterrupt:
+        print("interrupted", time.monotonic(), flush=True)
+    else:
+        print("finished", flush=True)
+    t.join()
+    print("other", other["out"]["a"].null_count(), other["out"].height, flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_stops_a_library_batch_and_spares_another_thread(tmp_path: Path) -> None:
+    """SIGINT during with_columns in a script (no terminal) raises KeyboardInterrupt soon,
+    long before the batch would end, while a second thread's batch over the same prompts
+    completes."""
+    script = tmp_path / "interrupt_me.py"
+    script.write_text(SIGINT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "POLARS_LLM_CACHE": "0"}
+    with spawn_server(latency=0.2) as server:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), server.base_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(3.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=150)
+        calls = server.stats().calls
+    lines = out.split("\n")
+    assert lines[0].startswith("interrupted"), (out, err)
+    took = float(lines[0].split()[1]) - sent
+    # The batch alone would need 600 x 0.2 s / 4 = 30 s: it stopped well before, and sent far
+    # fewer than its 600 prompts.
+    assert calls < 600
+    assert lines[1] == "other 0 40"
+    print(f"KeyboardInterrupt {took:.2f} s after SIGINT; {calls} calls")
