@@ -60,6 +60,8 @@ MAX_RETRY_AFTER = 60.0
 # recent 95th-percentile latency, and never before HEDGE_FLOOR seconds.
 HEDGE_FACTOR = 4.0
 HEDGE_FLOOR = 2.0
+# Hedging only when that is at most this share of the request's timeout.
+HEDGE_BEFORE_TIMEOUT = 0.5
 # Hedges of one request at most: a hedge that hangs too is hedged in turn, this many times.
 MAX_HEDGES = 3
 # Latencies kept, and how many are needed before anything is judged hung.
@@ -345,9 +347,16 @@ class EndpointClient:
         try:
             while self._inflight:
                 await asyncio.sleep(WATCH_EVERY)
-                hung_since = time.monotonic() - self._hedge_after
+                after = self._hedge_after
+                hung_since = time.monotonic() - after
                 for entry in list(self._inflight.values()):
-                    if entry.holds_slot and entry.started < hung_since:
+                    # A short timeout ends a hung request soon enough by itself; hedging just
+                    # before it would pay twice for answers that were merely slow.
+                    if (
+                        entry.holds_slot
+                        and entry.started < hung_since
+                        and after <= HEDGE_BEFORE_TIMEOUT * entry.policy.timeout
+                    ):
                         self._hedge(entry)
         finally:
             self._watchdog = None

@@ -108,7 +108,7 @@ class Display:
 
     def close(self) -> None:
         """Final redraw; a log line closes a run that logged anything."""
-        if self._bar is not None:
+        if self._bar is not None or (self.mode in ("bar", "notebook") and self._delay == 0):
             self.update()
             self._bar.close()
             self._bar = None
