@@ -21,6 +21,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import os
 import threading
@@ -53,6 +54,8 @@ from .transport import Completion, Embeddings
 
 # Endpoint clients unused this long are closed (their connections too) when another is opened.
 IDLE_CLOSE = 300.0
+# Answers kept in memory for requests that another batch looked up before they arrived.
+RECENT_ANSWERS = 100_000
 # Repair rounds for an answer that does not parse (a label outside the set, bad JSON).
 MAX_REPAIRS = 2
 
@@ -108,6 +111,9 @@ class EngineLoop:
         # Owned by the loop thread only.
         self.endpoints: dict[tuple[str, str, str, str], EndpointClient] = {}
         self.flights: SingleFlight[Outcome] = SingleFlight()
+        # The latest answers, oldest first: a batch that looked in the cache before another
+        # batch's answer to the same request arrived finds it here instead of paying again.
+        self.recent: dict[str, Outcome] = {}
         # Cache reads from the loop go to their own thread: never onto the loop itself (a slow
         # disk would stall every request) nor into the loop's default executor (aiohttp
         # resolves host names there).
@@ -146,6 +152,13 @@ class EngineLoop:
         except BaseException:
             future.cancel()  # Ctrl-C, or a failing progress callback: stop sending
             raise
+
+    def remember(self, key: str, outcome: Outcome) -> None:
+        """Keep ``outcome`` among the latest answers (on the loop thread)."""
+        recent = self.recent
+        recent[key] = outcome
+        if len(recent) > RECENT_ANSWERS:
+            del recent[next(iter(recent))]
 
     def endpoint(
         self, base_url: str, api_key: str, model: str, settings: Settings, local: bool
@@ -306,7 +319,7 @@ class Batch:
         finally:
             display.close()
             if self.cache is not None:
-                self.cache.flush()
+                self.cache.flush(self)
         if self.aborted is not None:
             raise self.aborted
         return result
@@ -348,14 +361,21 @@ class Batch:
         return results
 
     async def complete_async(self, key: str, text: str) -> Outcome:
-        """One prompt's outcome: from this batch's memo, a call in flight anywhere, or a call."""
+        """One prompt's outcome: from this batch's memo, an answer the process just received, a
+        call in flight anywhere, or a call."""
         outcome = self._memo.get(key)
         if outcome is None:
-            if self.aborted is not None:
+            engine = engine_loop()
+            recent = engine.recent.get(key) if self.cache is not None else None
+            if recent is not None:
+                # Answered for another batch (another streaming morsel, say) after this one
+                # looked in the cache: already paid for, and on its way to the cache.
+                outcome = dataclasses.replace(recent, cached=True)
+            elif self.aborted is not None:
                 outcome = Outcome(error=self.aborted.cause)
             else:
                 try:
-                    outcome = await engine_loop().flights.run(
+                    outcome = await engine.flights.run(
                         key, functools.partial(self._call, key, text)
                     )
                 except BatchAborted as e:
@@ -438,8 +458,13 @@ class Batch:
                         "usage": list(usage),
                         "finish": completion.finish_reason,
                     },
+                    self,
                 )
-            return Outcome(value, None, False, *usage, completion.finish_reason)
+            outcome = Outcome(value, None, False, *usage, completion.finish_reason)
+            if self.cache is not None:
+                # Before the flight ends: a lookup after it never misses both.
+                engine_loop().remember(key, outcome)
+            return outcome
 
     def _check(self, completion: Completion) -> Any:
         text = completion.text
@@ -513,7 +538,7 @@ class Batch:
                 continue
             outcomes.append(Outcome(value, None, False, share, 0))
             if self.cache is not None:
-                self.cache.put(keys[i], {"vector": vector, "usage": [share, 0]})
+                self.cache.put(keys[i], {"vector": vector, "usage": [share, 0]}, self)
         return outcomes
 
 

@@ -469,7 +469,7 @@ def pipeline(
     finally:
         for batch in batches:
             if batch.cache is not None:
-                batch.cache.flush()
+                batch.cache.flush(batch)
         if display is not None:
             display.close()
             display = None
