@@ -21,7 +21,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import os
 import threading
@@ -113,7 +112,7 @@ class EngineLoop:
         self.flights: SingleFlight[Outcome] = SingleFlight()
         # The latest answers, oldest first: a batch that looked in the cache before another
         # batch's answer to the same request arrived finds it here instead of paying again.
-        self.recent: dict[str, Outcome] = {}
+        self.recent: dict[str, dict[str, Any]] = {}
         # Cache reads from the loop go to their own thread: never onto the loop itself (a slow
         # disk would stall every request) nor into the loop's default executor (aiohttp
         # resolves host names there).
@@ -153,10 +152,10 @@ class EngineLoop:
             future.cancel()  # Ctrl-C, or a failing progress callback: stop sending
             raise
 
-    def remember(self, key: str, outcome: Outcome) -> None:
-        """Keep ``outcome`` among the latest answers (on the loop thread)."""
+    def remember(self, key: str, entry: dict[str, Any]) -> None:
+        """Keep a cache entry among the latest answers (on the loop thread)."""
         recent = self.recent
-        recent[key] = outcome
+        recent[key] = entry
         if len(recent) > RECENT_ANSWERS:
             del recent[next(iter(recent))]
 
@@ -366,11 +365,11 @@ class Batch:
         outcome = self._memo.get(key)
         if outcome is None:
             engine = engine_loop()
-            recent = engine.recent.get(key) if self.cache is not None else None
+            # Answered for another batch (another streaming morsel, say) after this one looked
+            # in the cache: already paid for, and on its way to the cache.
+            recent = self.decode(engine.recent.get(key)) if self.cache is not None else None
             if recent is not None:
-                # Answered for another batch (another streaming morsel, say) after this one
-                # looked in the cache: already paid for, and on its way to the cache.
-                outcome = dataclasses.replace(recent, cached=True)
+                outcome = recent
             elif self.aborted is not None:
                 outcome = Outcome(error=self.aborted.cause)
             else:
@@ -451,20 +450,15 @@ class Batch:
                 body = {**body, "messages": [*body["messages"], *fix]}
                 continue
             if self.cache is not None:
-                self.cache.put(
-                    key,
-                    {
-                        "text": completion.text,
-                        "usage": list(usage),
-                        "finish": completion.finish_reason,
-                    },
-                    self,
-                )
-            outcome = Outcome(value, None, False, *usage, completion.finish_reason)
-            if self.cache is not None:
+                entry = {
+                    "text": completion.text,
+                    "usage": list(usage),
+                    "finish": completion.finish_reason,
+                }
+                self.cache.put(key, entry, self)
                 # Before the flight ends: a lookup after it never misses both.
-                engine_loop().remember(key, outcome)
-            return outcome
+                engine_loop().remember(key, entry)
+            return Outcome(value, None, False, *usage, completion.finish_reason)
 
     def _check(self, completion: Completion) -> Any:
         text = completion.text
