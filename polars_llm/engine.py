@@ -112,7 +112,7 @@ class EngineLoop:
         self.flights: SingleFlight[Outcome] = SingleFlight()
         # The latest answers, oldest first: a batch that looked in the cache before another
         # batch's answer to the same request arrived finds it here instead of paying again.
-        self.recent: dict[str, dict[str, Any]] = {}
+        self.recent: dict[str, tuple[dict[str, Any], ResultCache]] = {}
         # Cache reads from the loop go to their own thread: never onto the loop itself (a slow
         # disk would stall every request) nor into the loop's default executor (aiohttp
         # resolves host names there).
@@ -152,10 +152,11 @@ class EngineLoop:
             future.cancel()  # Ctrl-C, or a failing progress callback: stop sending
             raise
 
-    def remember(self, key: str, entry: dict[str, Any]) -> None:
-        """Keep a cache entry among the latest answers (on the loop thread)."""
+    def remember(self, key: str, entry: dict[str, Any], cache: ResultCache) -> None:
+        """Keep a cache entry among the latest answers, with the cache it went to (on the loop
+        thread)."""
         recent = self.recent
-        recent[key] = entry
+        recent[key] = (entry, cache)
         if len(recent) > RECENT_ANSWERS:
             del recent[next(iter(recent))]
 
@@ -367,7 +368,7 @@ class Batch:
             engine = engine_loop()
             # Answered for another batch (another streaming morsel, say) after this one looked
             # in the cache: already paid for, and on its way to the cache.
-            recent = self.decode(engine.recent.get(key)) if self.cache is not None else None
+            recent = self._recent(engine, key)
             if recent is not None:
                 outcome = recent
             elif self.aborted is not None:
@@ -380,10 +381,25 @@ class Batch:
                 except BatchAborted as e:
                     self.aborted = self.aborted or e
                     outcome = Outcome(error=e.cause)
+                else:
+                    self._recent(engine, key)  # a call of a batch with another cache
             if outcome.error is None:
                 self._memo[key] = outcome
         self.count(outcome)
         return outcome
+
+    def _recent(self, engine: EngineLoop, key: str) -> Outcome | None:
+        """The process's latest answer to ``key``, also put in this batch's cache when it was
+        received for a batch with another cache folder."""
+        if self.cache is None:
+            return None
+        found = engine.recent.get(key)
+        if found is None:
+            return None
+        entry, cache = found
+        if cache is not self.cache:
+            self.cache.put(key, entry, self)
+        return self.decode(entry)
 
     async def resolve_async(self, key: str, text: str) -> Outcome:
         """Like ``complete_async``, but first looks in the disk cache (for row-by-row callers)."""
@@ -457,7 +473,7 @@ class Batch:
                 }
                 self.cache.put(key, entry, self)
                 # Before the flight ends: a lookup after it never misses both.
-                engine_loop().remember(key, entry)
+                engine_loop().remember(key, entry, self.cache)
             return Outcome(value, None, False, *usage, completion.finish_reason)
 
     def _check(self, completion: Completion) -> Any:
