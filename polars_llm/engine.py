@@ -53,8 +53,6 @@ from .transport import Completion, Embeddings
 
 # Endpoint clients unused this long are closed (their connections too) when another is opened.
 IDLE_CLOSE = 300.0
-# Answers kept in memory for requests that another batch looked up before they arrived.
-RECENT_ANSWERS = 100_000
 # Repair rounds for an answer that does not parse (a label outside the set, bad JSON).
 MAX_REPAIRS = 2
 
@@ -110,9 +108,6 @@ class EngineLoop:
         # Owned by the loop thread only.
         self.endpoints: dict[tuple[str, str, str, str], EndpointClient] = {}
         self.flights: SingleFlight[Outcome] = SingleFlight()
-        # The latest answers, oldest first: a batch that looked in the cache before another
-        # batch's answer to the same request arrived finds it here instead of paying again.
-        self.recent: dict[str, tuple[dict[str, Any], ResultCache]] = {}
         # Cache reads from the loop go to their own thread: never onto the loop itself (a slow
         # disk would stall every request) nor into the loop's default executor (aiohttp
         # resolves host names there).
@@ -151,14 +146,6 @@ class EngineLoop:
         except BaseException:
             future.cancel()  # Ctrl-C, or a failing progress callback: stop sending
             raise
-
-    def remember(self, key: str, entry: dict[str, Any], cache: ResultCache) -> None:
-        """Keep a cache entry among the latest answers, with the cache it went to (on the loop
-        thread)."""
-        recent = self.recent
-        recent[key] = (entry, cache)
-        if len(recent) > RECENT_ANSWERS:
-            del recent[next(iter(recent))]
 
     def endpoint(
         self, base_url: str, api_key: str, model: str, settings: Settings, local: bool
@@ -367,8 +354,8 @@ class Batch:
         if outcome is None:
             engine = engine_loop()
             # Answered for another batch (another streaming morsel, say) after this one looked
-            # in the cache: already paid for, and on its way to the cache.
-            recent = self._recent(engine, key)
+            # in the cache: already paid for, and on its way to the disk.
+            recent = self.decode(self.cache.peek(key)) if self.cache is not None else None
             if recent is not None:
                 outcome = recent
             elif self.aborted is not None:
@@ -381,25 +368,10 @@ class Batch:
                 except BatchAborted as e:
                     self.aborted = self.aborted or e
                     outcome = Outcome(error=e.cause)
-                else:
-                    self._recent(engine, key)  # a call of a batch with another cache
             if outcome.error is None:
                 self._memo[key] = outcome
         self.count(outcome)
         return outcome
-
-    def _recent(self, engine: EngineLoop, key: str) -> Outcome | None:
-        """The process's latest answer to ``key``, also put in this batch's cache when it was
-        received for a batch with another cache folder."""
-        if self.cache is None:
-            return None
-        found = engine.recent.get(key)
-        if found is None:
-            return None
-        entry, cache = found
-        if cache is not self.cache:
-            self.cache.put(key, entry, self)
-        return self.decode(entry)
 
     async def resolve_async(self, key: str, text: str) -> Outcome:
         """Like ``complete_async``, but first looks in the disk cache (for row-by-row callers)."""
@@ -471,9 +443,8 @@ class Batch:
                     "usage": list(usage),
                     "finish": completion.finish_reason,
                 }
+                # Put before the flight ends: a batch that finds no flight finds the answer.
                 self.cache.put(key, entry, self)
-                # Before the flight ends: a lookup after it never misses both.
-                engine_loop().remember(key, entry, self.cache)
             return Outcome(value, None, False, *usage, completion.finish_reason)
 
     def _check(self, completion: Completion) -> Any:
