@@ -252,37 +252,57 @@ def test_try_outcomes_follow_exit_codes(airflow: Airflow, tmp_path: Path) -> Non
     assert report["cache_hits"] == len([r for r in REVIEWS if "bad" not in r])
 
 
+HOUR = 3600.0
+
+
+def write_all_markets(data: Path) -> None:
+    """The day's reviews in one file, as the batch example reads them."""
+    (data / "raw" / "all").mkdir(parents=True)
+    (data / "enriched" / "all").mkdir(parents=True)
+    pl.DataFrame({"id": range(len(REVIEWS)), "review": REVIEWS}).write_parquet(
+        data / "raw" / "all" / f"{DAY}.parquet"
+    )
+
+
+def run_batch_example(
+    airflow: Airflow, server: FakeServer, data: Path, *, crash: bool = False
+) -> tuple[int, int, str]:
+    """Run the batch example, moving the batches' clock on at each deferral (or, with ``crash``,
+    killing the process there instead); returns its exit code, the deferrals and the log."""
+    env = airflow.task_env(server, data, data / "cache")
+    with subprocess.Popen(
+        [str(AIRFLOW), "dags", "test", "enrich_reviews_batch", DAY],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        log: list[str] = []
+        deferrals = 0
+        for line in process.stdout:
+            log.append(line)
+            if "Pausing task as DEFERRED" not in line:
+                continue
+            deferrals += 1
+            if crash:
+                process.kill()  # the worker dies while its batches run
+                break
+            # Nothing ends while the task waits, until the batches' clock moves on.
+            server.advance_batches(2 * HOUR)
+        code = process.wait(timeout=60)
+    return code, deferrals, "".join(log)
+
+
 def test_batch_example_defers_until_the_batches_end(airflow: Airflow, tmp_path: Path) -> None:
     """The deferrable batch example submits, defers to its trigger, and resumes per round."""
-    (tmp_path / "raw" / "all").mkdir(parents=True)
-    (tmp_path / "enriched" / "all").mkdir(parents=True)
-    pl.DataFrame({"id": range(len(REVIEWS)), "review": REVIEWS}).write_parquet(
-        tmp_path / "raw" / "all" / f"{DAY}.parquet"
-    )
-    hour = 3600.0
-    with FakeServer(api_key=KEY, batch_seconds=hour) as server:
-        env = airflow.task_env(server, tmp_path, tmp_path / "cache")
-        with subprocess.Popen(
-            [str(AIRFLOW), "dags", "test", "enrich_reviews_batch", DAY],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        ) as process:
-            assert process.stdout is not None
-            log: list[str] = []
-            deferrals = 0
-            for line in process.stdout:
-                log.append(line)
-                if "Pausing task as DEFERRED" in line:
-                    # Nothing ends while the task waits, until the batches' clock moves on.
-                    deferrals += 1
-                    server.advance_batches(2 * hour)
-            code = process.wait(timeout=60)
+    write_all_markets(tmp_path)
+    with FakeServer(api_key=KEY, batch_seconds=HOUR) as server:
+        code, deferrals, log = run_batch_example(airflow, server, tmp_path)
         stats = server.stats()
-    assert code == 0, "".join(log[-200:])
+    assert code == 0, log[-20000:]
     # One round per step: sentiment, then the replies that read it.
-    assert deferrals == 2 and "".join(log).count("running trigger in line") == 2
+    assert deferrals == 2 and log.count("running trigger in line") == 2
     assert airflow.tries("enrich_reviews_batch") == {("enrich", -1): ("success", 1)}
     assert stats.chat_calls == 0 and stats.batches_created == 2
     assert stats.batch_lines == 2 * len(set(REVIEWS))
@@ -293,3 +313,21 @@ def test_batch_example_defers_until_the_batches_end(airflow: Airflow, tmp_path: 
         assert reply == f"echo: Write a short reply to a {sentiment} review: {review}"
     (report,) = airflow.xcom("enrich_reviews_batch", "enrich")
     assert report["rows"] == len(REVIEWS) and report["failed_rows"] == 0
+
+
+def test_batch_rerun_after_a_crash_waits_on_the_same_batches(
+    airflow: Airflow, tmp_path: Path
+) -> None:
+    """A worker killed while its batches run: the next try submits nothing twice."""
+    write_all_markets(tmp_path)
+    with FakeServer(api_key=KEY, batch_seconds=HOUR) as server:
+        code, deferrals, log = run_batch_example(airflow, server, tmp_path, crash=True)
+        assert deferrals == 1 and code != 0
+        assert server.stats().batches_created == 1
+        code, deferrals, log = run_batch_example(airflow, server, tmp_path)
+        stats = server.stats()
+    assert code == 0, log[-20000:]
+    # The first round's batch is found in the ledger and waited on; only the second is new.
+    assert stats.batches_created == 2 and stats.batch_lines == 2 * len(set(REVIEWS))
+    out = pl.read_parquet(tmp_path / "enriched" / "all" / f"{DAY}.parquet")
+    assert out["llm_error"].null_count() == len(REVIEWS)
