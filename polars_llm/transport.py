@@ -31,11 +31,9 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import aiohttp
-import httpx2
-import openai
 import orjson
 from yarl import URL
 
@@ -51,6 +49,10 @@ from .errors import (
     RowError,
     ServerError,
 )
+
+if TYPE_CHECKING:  # the SDK is imported when an OpenAITransport is made: it takes a second
+    import httpx2
+    import openai
 
 # Largest response bodies read, in bytes. A chat answer of a whole context window with logprobs
 # fits in a few MB; embeddings of ``batch_size`` inputs are larger (256 inputs of 3,072
@@ -224,6 +226,9 @@ class OpenAITransport:
     """A long-lived ``AsyncOpenAI`` client (aiohttp backend) for one endpoint on one loop."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float, max_connections: int) -> None:
+        import httpx2
+        import openai
+
         self.base_url = base_url
         self.timeout = timeout
         # Keep-alive connections must cover the concurrency, or every request beyond the pool
@@ -259,6 +264,9 @@ class OpenAITransport:
 
     async def _post_json(self, path: str, body: Mapping[str, Any], cap: int) -> tuple[Any, Any]:
         """POST a JSON body through the SDK's client; the answer's JSON and headers, or our error."""
+        import httpx2
+        import openai
+
         try:
             # The SDK's timeouts are per read: only a deadline of our own bounds the body.
             raw, headers = await asyncio.wait_for(self._exchange(path, body, cap), self.timeout)
@@ -273,6 +281,8 @@ class OpenAITransport:
     async def _exchange(
         self, path: str, body: Mapping[str, Any], cap: int
     ) -> tuple[bytes, httpx2.Headers]:
+        import httpx2
+
         response = await self._client.post(
             path, body=body, cast_to=httpx2.Response, options={"headers": _UNREAD_BODY}
         )
@@ -297,6 +307,8 @@ class OpenAITransport:
 
 def map_error(error: openai.OpenAIError, base_url: str) -> RowError:
     """Our error for an SDK error, with a message that says what to do."""
+    import openai
+
     if isinstance(error, openai.APITimeoutError):
         refused = _connection_refused(error)
         if refused is not None:
