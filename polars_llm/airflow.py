@@ -212,20 +212,20 @@ class EnrichOperator(BaseOperator):
         """The pipeline file's steps then ``steps``; settings: file, keywords, connection."""
         steps: list[Step] = []
         file_settings: dict[str, Any] = {}
-        if self.pipeline is not None:
-            steps, file_settings = load_pipeline(self.pipeline)
-        steps += self.steps
-        names = [s.name for s in steps]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise AirflowFailException(
-                f"more than one step is named {', '.join(dupes)}; rename one"
-            )
         try:
+            if self.pipeline is not None:
+                steps, file_settings = load_pipeline(self.pipeline)
+            steps += self.steps
+            names = [s.name for s in steps]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ConfigError(f"more than one step is named {', '.join(dupes)}; rename one")
             # A template that renders empty (an unset Variable) leaves the setting as it was.
             given = {k: v for k, v in self.settings.items() if v != ""}
+            if self.batch:
+                given["batch"] = True
             settings = get_settings().replace(**file_settings).replace(**given)
-            settings = settings.replace(batch=self.batch or None, **self._connection())
+            settings = settings.replace(**self._connection())
         except (ConfigError, TypeError) as e:
             raise AirflowFailException(f"task {self.task_id!r}: {e}") from e
         return steps, settings
