@@ -619,7 +619,15 @@ def _map_unique(
     misses = [i for i, o in enumerate(found) if o is None]
     if misses:
         miss_texts = [texts[i] for i in misses]
-        sent = batch.run(send(batch, miss_texts, [keys[i] for i in misses]), len(misses))
+        miss_keys = [keys[i] for i in misses]
+        if batch.settings.batch:
+            from .batch import session_for
+
+            sent = session_for(batch.settings.replace(model=batch.model)).complete(
+                batch, miss_texts, miss_keys
+            )
+        else:
+            sent = batch.run(send(batch, miss_texts, miss_keys), len(misses))
         for i, outcome in zip(misses, sent, strict=True):
             found[i] = outcome
     outcomes: list[Outcome] = found  # type: ignore[assignment]

@@ -393,6 +393,11 @@ def pipeline(
     stats = stats if stats is not None else PipelineStats()
     stats.rows += df.height
     batches = [Batch(step.spec(base)) for step in steps]
+    if base.batch:
+        from .batch import pipeline_in_rounds
+
+        results_, errors_ = pipeline_in_rounds(df, steps, base, stats)
+        return _assemble(df, steps, batches, results_, errors_, base)
     templates = [_Template(step.template) for step in steps]
     inputs = sorted({n for s in steps for n in placeholders(s.template)} & set(df.columns))
     strings = {c: df.get_column(c).cast(pl.String).to_list() for c in inputs}
@@ -477,6 +482,18 @@ def pipeline(
     for batch in batches:
         if batch.aborted is not None:
             raise batch.aborted
+    return _assemble(df, steps, batches, results, errors, base)
+
+
+def _assemble(
+    df: pl.DataFrame,
+    steps: Sequence[Step],
+    batches: Sequence[Batch],
+    results: list[list[Any]],
+    errors: list[str | None],
+    base: Settings,
+) -> pl.DataFrame:
+    """``df`` with a column per step (and the error column), or raise as ``on_error`` says."""
     failed = sum(e is not None for e in errors)
     if failed and base.on_error == "raise":
         first_error = next(e for e in errors if e is not None)
