@@ -166,6 +166,7 @@ class EndpointClient:
         self._refusals = 0
         self._unreached_failures = 0
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._answers = 0
         self._hedge_after = float("inf")
         self._inflight: dict[asyncio.Task[Any], _Attempt] = {}
         self._watchdog: asyncio.Task[None] | None = None
@@ -337,8 +338,10 @@ class EndpointClient:
         self.limiter.on_success()
         latencies = self._latencies
         latencies.append(seconds)
+        self._answers += 1
         n = len(latencies)
-        if n >= LATENCY_MIN_SAMPLES and n % 8 == 0:
+        # The percentile is sorted out every few answers, often at first, then every 64.
+        if n >= LATENCY_MIN_SAMPLES and self._answers % (8 if n < LATENCY_WINDOW else 64) == 0:
             p95 = sorted(latencies)[int(0.95 * (n - 1))]
             self._hedge_after = max(HEDGE_FLOOR, HEDGE_FACTOR * p95)
 

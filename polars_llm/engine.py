@@ -268,7 +268,7 @@ class Batch:
     # -- the caller's side ---------------------------------------------------------------------
     def lookup(self, texts: Sequence[str]) -> tuple[list[str], list[Outcome | None]]:
         """Keys of the texts and what the cache holds for each."""
-        keys = [self.template.key(t) for t in texts]
+        keys = self.template.keys(texts)
         if self.cache is None:
             return keys, [None] * len(keys)
         return keys, [self.decode(hit) for hit in self.cache.get_many(keys)]
