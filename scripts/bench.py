@@ -920,6 +920,13 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             share >= 0.9 and ours["share_429"] < 0.01,
             f"{share:.1%} of limit, {ours['share_429']:.2%} 429s",
         )
+    if s8 := results.get("s8"):
+        ours = s8["polars_llm"]
+        add(
+            "S8 4 processes, default settings: >= 90% of the limit with < 1% 429s",
+            ours["share_of_limit"] >= 0.9 and ours["share_429"] < 0.01,
+            f"{ours['share_of_limit']:.1%} of limit, {ours['share_429']:.2%} 429s",
+        )
     if s6 := results.get("s6"):
         add(
             "S6 pipelined two steps nearer the slower step than the sum (ratio < 0.75)",
