@@ -39,6 +39,7 @@ from .errors import (
 from .limiter import Limiter
 from .progress import Progress
 from .settings import Settings
+from .shared import open_shared, scope_for
 from .transport import Transport, make_transport
 
 T = TypeVar("T")
@@ -156,7 +157,11 @@ class EndpointClient:
         self.transport: Transport = make_transport(
             settings.transport, base_url, api_key, TRANSPORT_TIMEOUT, settings.concurrency
         )
-        self.limiter = Limiter(1)
+        # With no limit configured, the first answer's x-ratelimit-* headers may state it:
+        # one request goes alone until then, rather than a burst learning it from 429s.
+        self.limiter = Limiter(1, probe=not local)
+        # The budget's name in the home shared with other processes (the key only hashed).
+        self.scope = scope_for(base_url, api_key, model)
         self.reached = False  # anything there gave an HTTP answer
         self.verified = False  # this key and model got a successful answer
         self.calls = 0
@@ -177,6 +182,8 @@ class EndpointClient:
         if self.local:
             concurrency = min(concurrency, LOCAL_CONCURRENCY)
         self.limiter.configure(concurrency, settings.rpm, settings.tpm)
+        if not self.local:  # the embedded model's server belongs to this process alone
+            self.limiter.share(open_shared(settings), self.scope)
         self.last_used = time.monotonic()
 
     @property
@@ -328,6 +335,7 @@ class EndpointClient:
                 limiter.release()
             if entry.hedge is not None and not entry.hedge.done():
                 entry.hedge.cancel()
+        limiter.observe(getattr(answer, "headers", None) or {}, 0, 0)
         self._answered(time.monotonic() - entry.started)
         return answer
 

@@ -22,6 +22,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import functools
+import json
 import os
 import threading
 import time
@@ -49,6 +50,14 @@ from .outputs import PostProcess, TextPost
 from .progress import Display, Progress
 from .request import RequestTemplate
 from .settings import Settings
+from .shared import (
+    InProcessState,
+    Lease,
+    SharedState,
+    SharedStateError,
+    claim_or_find,
+    open_shared,
+)
 from .transport import Completion, Embeddings
 
 # Endpoint clients unused this long are closed (their connections too) when another is opened.
@@ -257,6 +266,10 @@ class Batch:
         self.system_tokens = estimate_tokens(spec.system or "")
         self._memo: dict[str, Outcome] = {}
         self._client: EndpointClient | None = None
+        # Other processes that call this endpoint with this key share in-flight claims (and,
+        # over Redis, answers) through this home; a process alone has nobody to share with.
+        home = None if target.local else open_shared(settings)
+        self.home: SharedState | None = None if isinstance(home, InProcessState) else home
 
     def connect(self) -> None:
         """Start the embedded model if this batch needs it (caller's thread: it may take seconds)."""
@@ -398,12 +411,65 @@ class Batch:
             p.completion_tokens += outcome.completion_tokens
 
     async def _call(self, key: str, text: str) -> Outcome:
+        """One chat request, paid for by one process of all those sharing this endpoint: an
+        answer another process stored or is about to store is taken instead of paying again."""
+        home = self.home
+        if home is None:
+            return await self._send(key, text)
+        try:
+            found = await self._find(key)
+            if found is None:
+                found = await claim_or_find(home, key, functools.partial(self._find, key))
+        except SharedStateError as e:
+            self._go_alone(e)
+            return await self._send(key, text)
+        if found is not None:
+            return found
+        async with Lease(home, key) as lease:
+            outcome = await self._send(key, text)
+            # Stored where others look by now (see _send): let the claim expire rather than
+            # free it, so a process polling for it finds the answer.
+            lease.answered = outcome.error is None
+        return outcome
+
+    async def _find(self, key: str) -> Outcome | None:
+        """An answer another process stored: in the local cache, then in the shared tier."""
+        outcome = await self.lookup_async(key)
+        if outcome is None and self.home is not None and self.home.holds_answers:
+            text = (await self.home.get_answers([key]))[0]
+            if text is not None:
+                try:
+                    entry = json.loads(text)
+                except ValueError:
+                    return None  # a damaged shared entry is a miss
+                outcome = self.decode(entry)
+                if outcome is not None and self.cache is not None:
+                    self.cache.put(key, entry, self)
+        return outcome
+
+    async def _share(self, key: str, entry: dict[str, Any]) -> None:
+        """Over Redis, put an answer in the tier every machine reads (before its claim ends)."""
+        if self.home is not None and self.home.holds_answers:
+            try:
+                await self.home.put_answer(key, json.dumps(entry))
+            except SharedStateError as e:
+                self._go_alone(e)
+
+    def _go_alone(self, error: SharedStateError) -> None:
+        # A broken home must not stop the run: go on without claims, and say so once.
+        if self.home is not None:
+            warnings.warn(f"{error} Going on without sharing in-flight prompts.", stacklevel=2)
+            self.home = None
+
+    async def _send(self, key: str, text: str) -> Outcome:
         """One chat request with retries, content checks and repair; caches a success."""
         post = self.spec.post
         client = self.client
         transport = client.transport
         body = self.template.body(text)
-        tokens = estimate_tokens(text) + self.system_tokens + self.max_tokens
+        chars = len(text) + len(self.spec.system or "")
+        # Tokens as this endpoint counts them (calibrated from answers), plus the answer's cap.
+        tokens = client.limiter.tokens_for(chars) + self.max_tokens
         # What a repair round may send back of a bad answer: no more than the request itself.
         echo_limit = len(text) + len(self.spec.system or "")
         repairs = 0
@@ -418,6 +484,8 @@ class Batch:
             except RowError as e:
                 return Outcome(error=e)
             usage = (completion.prompt_tokens, completion.completion_tokens)
+            if not repairs:
+                client.limiter.observe({}, chars, completion.prompt_tokens)
             try:
                 value = self._check(completion)
             except ContentError as e:
@@ -437,14 +505,15 @@ class Batch:
                 repairs += 1
                 body = {**body, "messages": [*body["messages"], *fix]}
                 continue
+            entry = {
+                "text": completion.text,
+                "usage": list(usage),
+                "finish": completion.finish_reason,
+            }
             if self.cache is not None:
-                entry = {
-                    "text": completion.text,
-                    "usage": list(usage),
-                    "finish": completion.finish_reason,
-                }
                 # Put before the flight ends: a batch that finds no flight finds the answer.
                 self.cache.put(key, entry, self)
+            await self._share(key, entry)
             return Outcome(value, None, False, *usage, completion.finish_reason)
 
     def _check(self, completion: Completion) -> Any:

@@ -117,6 +117,15 @@ class Limiter:
         self._tpm = tpm
         self._wake()
 
+    def share(self, home: SharedState, scope: str) -> None:
+        """Take the rate budget and cooldown from ``home``, under ``scope``, from now on: every
+        process whose limiter shares them there shares one budget and one cooldown."""
+        if home is self._shared and scope == self._scope:
+            return
+        self._shared, self._scope = home, scope
+        self._alone = isinstance(home, InProcessState)
+        self._granted_until = -math.inf  # budget taken from another home is not this one's
+
     @property
     def rpm(self) -> int | None:
         """The requests-per-minute limit in force: configured, else learned from the endpoint."""
