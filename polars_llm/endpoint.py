@@ -296,6 +296,10 @@ class EndpointClient:
         """One request under the limiter and the timeout; its hedge's answer if that came first."""
         limiter = self.limiter
         await limiter.acquire(tokens)
+        stop = self.stopped
+        if stop is not None:  # stopped while this request waited for its turn: never send it
+            limiter.release()
+            raise stop
         self.calls += 1
         progress.calls += 1
         task = asyncio.current_task()
