@@ -130,7 +130,9 @@ class FakeServer:
     up to ``jitter`` seconds). ``rpm`` and ``tpm`` are per-minute limits enforced with
     token buckets holding ``burst_seconds`` worth of the limit; with ``per_second`` they are
     enforced per fixed one-second window instead (a sixtieth of the limit in each), as OpenAI
-    may: a burst on top of the rate is then refused. ``error_rate``,
+    may: a burst on top of the rate is then refused. ``rate_headers=False`` leaves out the
+    ``x-ratelimit-*`` headers that state the limits, as servers that only answer 429 do.
+    ``error_rate``,
     ``hang_rate`` and ``reset_rate`` are the shares of requests answered with a 5xx,
     left without an answer for ``hang_seconds`` (then answered as usual), or whose
     connection is reset.
@@ -165,6 +167,7 @@ class FakeServer:
         tpm: int | None = None,
         burst_seconds: float = 1.0,
         per_second: bool = False,
+        rate_headers: bool = True,
         error_rate: float = 0.0,
         hang_rate: float = 0.0,
         reset_rate: float = 0.0,
@@ -208,6 +211,7 @@ class FakeServer:
         self.tpm = tpm
         self.burst_seconds = burst_seconds
         self.per_second = per_second
+        self.rate_headers = rate_headers
         self.error_rate = error_rate
         self.hang_rate = hang_rate
         self.reset_rate = reset_rate
@@ -605,6 +609,8 @@ class FakeServer:
 
     def _limit_headers(self, now: float) -> dict[str, str]:
         headers: dict[str, str] = {}
+        if not self.rate_headers:
+            return headers
         for bucket, kind in ((self._request_bucket, "requests"), (self._token_bucket, "tokens")):
             if bucket is None:
                 continue
@@ -1209,6 +1215,10 @@ _CLI_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "rpm": (int, "requests per minute before 429s"),
     "tpm": (int, "tokens per minute before 429s (prompt estimate + max_tokens)"),
     "burst_seconds": (float, "how many seconds of the limits a full bucket holds (default 1)"),
+    "rate_headers": (
+        lambda text: text.strip().lower() in ("1", "true", "yes"),
+        "false: leave out the x-ratelimit-* headers that state the limits (default true)",
+    ),
     "per_second": (
         lambda text: text.strip().lower() in ("1", "true", "yes"),
         "true: enforce the limits per fixed one-second window instead of with buckets",

@@ -67,7 +67,9 @@ def test_client_told_the_tpm_stays_under_the_servers_token_limit() -> None:
 @TRANSPORTS
 def test_retry_after_is_honoured(transport: str) -> None:
     """After a 429 with retry-after-ms the next attempt waits that long and then succeeds."""
-    with FakeServer(rpm=30) as server:  # one request every 2 s, a bucket of one
+    # One request every 2 s, a bucket of one; no x-ratelimit-* headers, or the client would
+    # learn the limit and never draw the 429 this test is about.
+    with FakeServer(rpm=30, rate_headers=False) as server:
         point(server, transport=transport)
         start = time.monotonic()
         frame(1, "first").with_columns(a=pl.col("q").llm.complete())  # takes the only token
@@ -295,7 +297,8 @@ def test_429_storm_finishes_every_row_and_the_client_pauses() -> None:
     """A server far slower than the client believes still gives every row a value, and the
     shared cooldown keeps the 429s far below rows x max_attempts."""
     rows = 200
-    with FakeServer(rpm=3000) as server:  # 50 a second; the client is told nothing
+    # 50 a second; the client is told nothing, not even in x-ratelimit-* headers.
+    with FakeServer(rpm=3000, rate_headers=False) as server:
         point(server, on_error="null")
         out = frame(rows).with_columns(a=pl.col("q").llm.complete("Say {q}", details=True))
         counts = server.stats().status_counts
