@@ -57,6 +57,7 @@ from .shared import (
     SharedStateError,
     claim_or_find,
     open_shared,
+    report_broken,
 )
 from .transport import Completion, Embeddings
 
@@ -458,7 +459,7 @@ class Batch:
     def _go_alone(self, error: SharedStateError) -> None:
         # A broken home must not stop the run: go on without claims, and say so once.
         if self.home is not None:
-            warnings.warn(f"{error} Going on without sharing in-flight prompts.", stacklevel=2)
+            report_broken(self.home, error)
             self.home = None
 
     async def _send(self, key: str, text: str) -> Outcome:

@@ -21,10 +21,9 @@ import collections
 import math
 import re
 import time
-import warnings
 from collections.abc import Callable, Mapping
 
-from .shared import InProcessState, SharedState, SharedStateError
+from .shared import InProcessState, SharedState, SharedStateError, report_broken
 
 # The share of a known limit the client aims at. Network jitter moves requests from one of the
 # server's one-second windows into the next; 5% of headroom absorbs that.
@@ -234,7 +233,7 @@ class Limiter:
     def _lose_shared(self, error: SharedStateError) -> None:
         # A broken home must not stop the run: go on alone, and say once that it is alone.
         if not self._alone:
-            warnings.warn(f"{error} Going on with this process's own rate budget.", stacklevel=2)
+            report_broken(self._shared, error)
             self._shared = InProcessState(self._clock)
             self._alone = True
 

@@ -37,6 +37,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -208,6 +209,19 @@ class SqliteState:
             )
             self._db = db
         return self._db
+
+    def usable(self) -> bool:
+        """Whether the file can be written (checked once, on the caller's thread, with a
+        connection of its own)."""
+        try:
+            self._write(self._connect(), lambda: None)
+        except (sqlite3.Error, OSError):
+            return False
+        finally:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        return True
 
     @staticmethod
     def _write(db: sqlite3.Connection, work: Callable[[], T]) -> T:
@@ -444,6 +458,20 @@ class RedisState:
             await client.aclose()
 
 
+_broken: set[int] = set()
+
+
+def report_broken(home: SharedState, error: SharedStateError) -> None:
+    """Say once per home that it failed and that this process goes on alone."""
+    if id(home) not in _broken:
+        _broken.add(id(home))
+        warnings.warn(
+            f"{error} Going on without sharing the rate budget and in-flight prompts with other "
+            "processes.",
+            stacklevel=3,
+        )
+
+
 def check_shared_url(url: str) -> None:
     """Refuse a shared_url that is not a Redis URL, with what to give instead."""
     if urlparse(url).scheme not in ("redis", "rediss", "unix"):
@@ -577,6 +605,9 @@ def open_shared(settings: Settings) -> SharedState:
                 home = RedisState(url or "")
             elif where[0] == "sqlite":
                 home = SqliteState(where[1])
+                if not home.usable():
+                    # A read-only cache folder: the cache already said it goes on without it.
+                    home = InProcessState()
             else:
                 home = InProcessState()
             _homes[where] = home
