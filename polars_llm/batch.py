@@ -87,7 +87,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import openai
 import polars as pl
 
 from .cache import ResultCache, open_cache
@@ -107,6 +106,8 @@ from .settings import Settings
 from .transport import map_error
 
 if TYPE_CHECKING:
+    import openai
+
     from .engine import Batch, Outcome
     from .pipeline import PipelineStats, Step
 
@@ -347,11 +348,15 @@ def _write_atomic(path: Path, text: str) -> None:
 def _client(base_url: str, api_key: str) -> openai.AsyncOpenAI:
     # A few control calls per batch, not a request storm: the SDK's own retries of a 5xx or a
     # dropped connection are enough here.
+    import openai  # not at import time: `polars-llm` starts without the SDK
+
     return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=4, timeout=600.0)
 
 
 async def _call(base_url: str, what: Awaitable[Any]) -> Any:
     """Await an SDK call, raising our error type (with what to do) instead of the SDK's."""
+    import openai
+
     try:
         return await what
     except openai.OpenAIError as e:
@@ -875,6 +880,12 @@ class BatchSession:
         self.ledger.forget_keys(entry.input_file_id)
 
 
+def _omit() -> Any:
+    import openai
+
+    return openai.omit
+
+
 async def _recent_batches(client: openai.AsyncOpenAI, base_url: str) -> Any:
     """The server's batches, newest first, back to RECOVER_SECONDS ago."""
     oldest = time.time() - RECOVER_SECONDS
@@ -882,7 +893,7 @@ async def _recent_batches(client: openai.AsyncOpenAI, base_url: str) -> Any:
     for _ in range(RECOVER_PAGES):
         page = await _call(
             base_url,
-            client.batches.list(limit=100, after=after if after else openai.omit),
+            client.batches.list(limit=100, after=after if after else _omit()),
         )
         for batch in page.data:
             if batch.created_at < oldest:
