@@ -236,13 +236,12 @@ def test_malformed_endpoint_is_a_config_error() -> None:
         )
 
 
-def test_a_new_endpoint_gets_the_whole_concurrency_at_once() -> None:
-    """A new endpoint is not probed with one request first: the first batch fills the
-    concurrency from its first round trip (a bad key still stops at the first answer)."""
+def test_a_new_endpoint_opens_up_once_the_first_answer_is_in() -> None:
+    """With no limit configured, one request goes first so that its rate-limit headers can
+    space the rest; once it answers, the batch fills the whole concurrency."""
     with FakeServer(latency=0.5) as server:
         polars_llm.configure(base_url=server.base_url, api_key="k", concurrency=32)
-        pl.DataFrame({"q": [f"q{i}" for i in range(32)]}).with_columns(a=pl.col("q").llm.complete())
-    # One round trip: a probe would have sent one request alone, then the other 31.
+        pl.DataFrame({"q": [f"q{i}" for i in range(40)]}).with_columns(a=pl.col("q").llm.complete())
     assert server.stats().max_in_flight >= 24
 
 
