@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from polars_llm import ConfigError, Settings, Step, plan
 from polars_llm.cli import cli
-from polars_llm.ray import ClusterState, RayState, _Secret, enrich
+from polars_llm.ray import ClusterState, RayState, _Secret, cluster_state, enrich
 from polars_llm.shared import SharedState
 from polars_llm.testing import FakeServer
 
@@ -69,17 +69,35 @@ def settings(server: FakeServer, **changes: object) -> Settings:
     return Settings(base_url=server.base_url, api_key=KEY, backoff_base=0.01).replace(**changes)
 
 
-def test_every_row_gets_its_answer(session_dir: Path) -> None:
-    """2,000 rows over 8 blocks and 2 workers: each row gets the answer to its own prompt."""
+def test_every_row_right_and_each_prompt_paid_once(session_dir: Path) -> None:
+    """2,000 rows, 500 unique prompts, 8 blocks, 2 workers: every row right, each prompt paid once."""
     texts = prompts()
-    with FakeServer(latency=0.01) as server:
+    answers_before = ray.get(cluster_state().counts.remote())["answers"]
+    with FakeServer(latency=0.02) as server:
         out = collect(
-            enrich(dataset(texts), [Step("answer", "Q: {text}")], settings(server), workers=2)
+            enrich(dataset(texts), [Step("answer", "Q: {text}")], settings(server), workers=WORKERS)
         )
+        calls = server.stats().calls
     assert out.height == ROWS
     assert out["text"].to_list() == texts
     assert out["answer"].to_list() == [f"echo: Q: {t}" for t in texts]
     assert out["llm_error"].null_count() == ROWS
+    assert UNIQUE <= calls <= UNIQUE + 5
+    # The answers went to the cluster's shared tier too.
+    assert ray.get(cluster_state().counts.remote())["answers"] - answers_before == UNIQUE
+
+
+def test_one_budget_for_the_cluster(session_dir: Path) -> None:
+    """Told the limit, 2 workers against a server enforcing it per second get fewer than 1% 429s."""
+    texts = prompts()
+    with FakeServer(rpm=3_000, per_second=True) as server:
+        out = collect(
+            enrich(dataset(texts), [Step("a", "{text}")], settings(server, rpm=3_000), workers=2)
+        )
+        stats = server.stats()
+    assert out["a"].to_list() == [f"echo: {t}" for t in texts]
+    assert stats.status_counts.get(200, 0) >= UNIQUE
+    assert stats.status_counts.get(429, 0) < 0.01 * stats.calls
 
 
 def test_steps_from_a_pipeline_file(session_dir: Path, tmp_path: Path) -> None:
