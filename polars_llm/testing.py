@@ -1262,7 +1262,18 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = FakeServer(**kwargs).start()
+    try:
+        server = FakeServer(**kwargs).start()
+    except OSError as e:
+        # Most often the port is taken: say so and stop, so that nobody goes on talking to
+        # whatever holds it.
+        reason = e.strerror or str(e)
+        print(
+            f"{parser.prog}: error: cannot listen on {options['host']}:{options['port']} "
+            f"({reason}); pick another --port, or --port 0 for a free one",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     print(server.base_url, flush=True)
     try:
         # A timed wait, so that the main thread gets back to Python to run the handlers.

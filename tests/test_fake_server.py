@@ -7,6 +7,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -464,3 +466,18 @@ def test_spawn_server_runs_in_a_subprocess():
         assert remote.stats().calls == 0
         process = remote.process
     assert process.poll() is not None
+
+
+def test_command_on_a_busy_port_says_so_in_one_line_and_exits_2(server):
+    """`python -m polars_llm.testing` on a port in use prints one line and exits 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "polars_llm.testing", "--port", str(server.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""  # no base URL for a client to go on with
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"127.0.0.1:{server.port}" in lines[0] and "--port 0" in lines[0]
