@@ -260,8 +260,9 @@ class _StepOptions:
 
 
 @cli.command(epilog=ENRICH_EPILOG, context_settings={"max_content_width": 100})
-@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.argument("output_path", metavar="OUTPUT", type=click.Path(path_type=Path))
+# Plain strings: a Path would turn s3://bucket/key into s3:/bucket/key.
+@click.argument("input_path", metavar="INPUT")
+@click.argument("output_path", metavar="OUTPUT")
 @click.option(
     "--step",
     "steps",
@@ -430,8 +431,8 @@ class _StepOptions:
     "command later to collect the answers (and submit the next step's) and write OUTPUT.",
 )
 def enrich(
-    input_path: Path,
-    output_path: Path,
+    input_path: str,
+    output_path: str,
     steps: list[tuple[str, str]],
     pipeline_file: Path | None,
     batch_size: int,
@@ -443,7 +444,11 @@ def enrich(
     ray_address: str | None,
     **options: Any,
 ) -> int:
-    """Add LLM-written columns to the Parquet file INPUT and write it to OUTPUT.
+    """Add LLM-written columns to INPUT and write it to OUTPUT.
+
+    INPUT is a Parquet, CSV or NDJSON file (by extension), or a folder or a glob of them (then
+    OUTPUT is a folder with one file per input file, hive partitions kept); either may be
+    s3://, gs:// or az://.
 
     INPUT is read in batches of --batch-size rows; each batch is enriched and written as it
     goes, so files of any size fit in memory. Identical prompts are sent once, and every answer
@@ -527,8 +532,8 @@ def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:
         else:
             code = e.code
             what = "interrupted" if code == EXIT_INTERRUPTED else "terminated"
-            error = f"{what}; nothing was written to {run.output}"
-            say(f"{error}. Rerun the same command to resume: the answers so far are cached.")
+            error = f"{what}; {run.not_written()}"
+            say(f"{error}. Rerun the same command to resume: {run.rerun_hint()}.")
     except click.UsageError:
         raise
     except BatchPending as e:
@@ -539,7 +544,7 @@ def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:
             f"{run.output}"
         )
     except Exception as e:
-        code, error = failure(e, run.output)
+        code, error = failure(e, run.output, run)
         if code == EXIT_ERROR and not isinstance(e, (PolarsLLMError, OSError)):
             traceback.print_exc()
         _error(error)
@@ -551,11 +556,13 @@ def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:
     return code
 
 
-def failure(e: Exception, output: Path) -> tuple[int, str]:
+def failure(e: Exception, output: Path | str, run: Any = None) -> tuple[int, str]:
     """The exit code of an error that ``EnrichRun.run`` raised, and the one-line reason to give.
 
     The Airflow operator raises with the same reason and maps the code to a task outcome.
+    ``run`` (an EnrichRun), when given, says what a stopped run left and what a rerun does.
     """
+    left = run.not_written() if run is not None else f"nothing was written to {output}"
     if isinstance(e, InputError):
         return EXIT_INPUT, str(e)
     if isinstance(e, ConfigError):  # TemplateError included
@@ -563,7 +570,7 @@ def failure(e: Exception, output: Path) -> tuple[int, str]:
     if isinstance(e, TooManyFailures):
         return EXIT_FAILURES, str(e)
     if isinstance(e, BatchAborted):
-        return EXIT_ABORTED, _aborted_message(e)
+        return EXIT_ABORTED, _aborted_message(e, left, run)
     if isinstance(e, PolarsLLMError):
         return EXIT_ERROR, str(e)
     if isinstance(e, ImportError):
@@ -574,8 +581,8 @@ def failure(e: Exception, output: Path) -> tuple[int, str]:
         )
     if isinstance(e, OSError):
         where = e.filename or output
-        return EXIT_ERROR, f"{e.strerror or e} ({where}); nothing was written to {output}"
-    return EXIT_ERROR, f"unexpected {type(e).__name__}: {e}; nothing was written to {output}"
+        return EXIT_ERROR, f"{e.strerror or e} ({where}); {left}"
+    return EXIT_ERROR, f"unexpected {type(e).__name__}: {e}; {left}"
 
 
 def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
@@ -618,9 +625,10 @@ def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
     return steps, settings
 
 
-def _aborted_message(e: BatchAborted) -> str:
-    # The engine's message already says what to check; the answers so far are cached.
-    return f"aborted: {e} Nothing was written to the output; a rerun reuses the cached answers"
+def _aborted_message(e: BatchAborted, left: str, run: Any) -> str:
+    # The engine's message already says what to check.
+    rerun = run.rerun_hint() if run is not None else "a rerun reuses the cached answers"
+    return f"aborted: {e} {left[:1].upper()}{left[1:]}; {rerun}"
 
 
 # --------------------------------------------------------------------------------------------

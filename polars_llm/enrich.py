@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,9 +35,18 @@ from typing import Any
 import click
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .errors import ColumnMismatch, ConfigError, EmptyInput, InputError, TooManyFailures
+from .files import (
+    AtomicOutput,
+    Location,
+    Reader,
+    expand_input,
+    file_format,
+    location,
+    one_line,
+    remove_stale_temp_files,
+)
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, StepPlan, check_steps, pipeline, plan
 from .prompt import placeholders
 from .settings import Settings
@@ -48,11 +55,6 @@ from .settings import Settings
 PREFIX = "polars-llm"
 # Seconds between two progress lines when stderr is not a terminal (logs of a scheduler).
 LOG_INTERVAL = 10.0
-
-
-def one_line(message: object) -> str:
-    """``message`` with its runs of whitespace, newlines included, made single spaces."""
-    return " ".join(str(message).split())
 
 
 def say(message: str) -> None:
@@ -67,12 +69,14 @@ def say(message: str) -> None:
 class EnrichRun:
     """One ``enrich`` run: check the input, then enrich it or plan it; and report on it.
 
-    ``run`` raises polars-llm's errors (and OSError when the disk fails); what it counted stays
-    on the object for ``write_report``, which the caller calls with the outcome.
+    ``input`` is a file, a glob or a folder, local or in object storage (see
+    :mod:`polars_llm.files`); a glob or a folder writes one file per input file into the
+    ``output`` folder. ``run`` raises polars-llm's errors (and OSError when the disk fails); what
+    it counted stays on the object for ``write_report``, which the caller calls with the outcome.
     """
 
-    input: Path
-    output: Path
+    input: str | os.PathLike[str]
+    output: str | os.PathLike[str]
     batch_size: int
     max_failed_rows: int
     max_failed_rate: float
@@ -86,65 +90,86 @@ class EnrichRun:
     # Filled in as the run goes.
     t0: float = field(default_factory=time.monotonic, init=False)
     started: bool = field(default=False, init=False)  # the checks passed: a report is due
-    committed: bool = field(default=False, init=False)  # the output is in place
+    committed: bool = field(default=False, init=False)  # every output is in place
     total_rows: int = field(default=0, init=False)
     steps: list[Step] = field(default_factory=list, init=False)
     stats: PipelineStats = field(default_factory=PipelineStats, init=False)
     plan_rows: list[dict[str, Any]] | None = field(default=None, init=False)
     first_error: str | None = field(default=None, init=False)
+    files: int = field(default=0, init=False)  # input files
+    written: list[str] = field(default_factory=list, init=False)  # outputs in place
+    caching: bool = field(default=True, init=False)  # answers go to the cache: a rerun resumes
 
     def run(self, steps: list[Step], settings: Settings) -> None:
         """Check ``steps`` against the input, then write the output or, for a dry run, the plan."""
         self.steps = steps
+        self.caching = settings.cache_path() is not None
         if self.report is not None:
             _check_report_path(self.report, self.input, None if self.dry_run else self.output)
-        pf = _open_parquet(self.input)
-        self.total_rows = pf.metadata.num_rows
-        columns = list(pf.schema_arrow.names)
-        _check_against_input(steps, columns, self.input)
-        _check_column_types(steps, pf.schema_arrow, self.input)
+        files, many = expand_input(self.input)
+        readers = [Reader(f) for f in files]
+        self.files = len(readers)
+        for reader in readers:
+            _check_against_input(steps, reader.columns, reader.file.where)
+            _check_column_types(steps, reader.schema, reader.file.where)
+        self.total_rows = sum(r.rows for r in readers)
         if self.total_rows == 0:
+            if many:
+                raise EmptyInput(
+                    f"the {len(readers)} file(s) of {self.input} have no rows; give at least one row"
+                )
             raise EmptyInput(
-                f"{self.input} has no rows (its columns: {', '.join(columns)}); "
+                f"{self.input} has no rows (its columns: {', '.join(readers[0].columns)}); "
                 "give a file with at least one row"
             )
         if self.report is not None:
-            _check_folder(self.report, "--report file")
+            _check_folder(location(self.report), "--report file")
         if self.dry_run:
             self.started = True
-            self._dry_run(pf, steps, settings)
+            self._dry_run(readers, steps, settings)
             return
-        _check_folder(self.output, "output")
-        _remove_stale_temp_files(self.output)
+        out = location(self.output)
+        if many:
+            targets = _check_output_folder(out, location(self.input), readers)
+        else:
+            _check_folder(out, "output")
+            targets = [out]
+        for target in targets:
+            remove_stale_temp_files(target)
         self.started = True
+        work = list(zip(readers, targets, strict=True))
         if not settings.batch:
-            self._enrich(pf, steps, settings, columns)
+            self._enrich(work, steps, settings, many)
             return
         from . import batch
 
         display = _BatchProgress(self.progress, self.log)
         run = batch.BatchRun(wait=self.wait, on_progress=display.update)
-        needed = _needed_columns(steps, columns)
 
         def frames() -> Iterator[pl.DataFrame]:
-            for rb in _batches(pf, self.input, batch_size=self.batch_size, columns=needed or None):
-                if rb.num_rows:
-                    yield _to_polars(rb, needed, self.input)
+            for reader in readers:
+                needed = _needed_columns(steps, reader.columns)
+                for table in reader.batches(self.batch_size, columns=needed or None):
+                    if table.num_rows:
+                        yield _to_polars(table, needed, reader.file.where)
 
         try:
             with batch.active(run):
                 batch.run_in_rounds(frames, steps, settings, run)
                 display.close()
-                self._enrich(pf, steps, settings, columns)
+                self._enrich(work, steps, settings, many)
         finally:
             display.close()
             self.stats.calls += run.lines_submitted
 
     # -- the run -------------------------------------------------------------------------------
     def _enrich(
-        self, pf: pq.ParquetFile, steps: list[Step], settings: Settings, columns: list[str]
+        self,
+        work: list[tuple[Reader, Location]],
+        steps: list[Step],
+        settings: Settings,
+        many: bool,
     ) -> None:
-        needed = _needed_columns(steps, columns)
         new_names = [s.name for s in steps] + [ERROR_COLUMN]
         allowed = max(
             self.max_failed_rows, math.floor(self.max_failed_rate * self.total_rows + 1e-9)
@@ -152,42 +177,49 @@ class EnrichRun:
         progress = _Progress(self.total_rows, self.progress, self.log)
         bad_input = False
         try:
-            with _AtomicParquet(self.output) as out:
-                for rb in _batches(pf, self.input, batch_size=self.batch_size):
-                    if rb.num_rows == 0:
-                        continue
-                    df = _to_polars(rb, needed, self.input)
-                    if settings.batch:
-                        from .batch import enrich_frame
+            for reader, target in work:
+                needed = _needed_columns(steps, reader.columns)
+                if not target.remote and many:
+                    os.makedirs(os.path.dirname(target.path), exist_ok=True)
+                with AtomicOutput(target, None if many else file_format(target.path)) as out:
+                    tables = reader.batches(self.batch_size)
+                    if reader.rows == 0:  # still one output file, with the enriched columns
+                        tables = iter([reader.empty()])
+                    for table in tables:
+                        if table.num_rows == 0 and out.schema is not None:
+                            continue
+                        df = _to_polars(table, needed, reader.file.where)
+                        if settings.batch:
+                            from .batch import enrich_frame
 
-                        enriched = enrich_frame(df, steps, settings, self.stats)
-                        progress.update(self.stats)
-                    else:
-                        enriched = pipeline(
-                            df,
-                            steps,
-                            settings=settings,
-                            on_error="null",
-                            progress=progress.update,
-                            stats=self.stats,
-                        )
-                    added = enriched.select(new_names)
-                    if self.first_error is None:
-                        errors = added.get_column(ERROR_COLUMN).drop_nulls()
-                        if errors.len():
-                            self.first_error = errors[0]
-                    if self.stats.rows_failed > allowed:
-                        raise TooManyFailures(self._too_many_message(allowed))
-                    table = pa.Table.from_batches([rb])
-                    arrow_added = added.to_arrow()
-                    for name, column in zip(
-                        arrow_added.column_names, arrow_added.columns, strict=True
-                    ):
-                        table = table.append_column(arrow_added.schema.field(name), column)
-                    out.write(table)
-                    del df, enriched, added, table
-                out.commit()
-                self.committed = True
+                            enriched = enrich_frame(df, steps, settings, self.stats)
+                            progress.update(self.stats)
+                        else:
+                            enriched = pipeline(
+                                df,
+                                steps,
+                                settings=settings,
+                                on_error="null",
+                                progress=progress.update,
+                                stats=self.stats,
+                            )
+                        added = enriched.select(new_names)
+                        if self.first_error is None:
+                            errors = added.get_column(ERROR_COLUMN).drop_nulls()
+                            if errors.len():
+                                self.first_error = errors[0]
+                        if self.stats.rows_failed > allowed:
+                            raise TooManyFailures(self._too_many_message(allowed))
+                        arrow_added = added.to_arrow()
+                        for name, column in zip(
+                            arrow_added.column_names, arrow_added.columns, strict=True
+                        ):
+                            table = table.append_column(arrow_added.schema.field(name), column)
+                        out.write(table)
+                        del df, enriched, added, table
+                    out.commit()
+                    self.written.append(str(target))
+            self.committed = True
         except InputError:
             bad_input = True  # found mid-file: its one error line says it all, without a tally
             raise
@@ -195,11 +227,31 @@ class EnrichRun:
             progress.close(self.stats, tally=not bad_input)
         failed = self.stats.rows_failed
         tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
-        message = f"wrote {self.output}: {self.total_rows} rows{tail}"
+        if many:
+            message = (
+                f"wrote {len(self.written)} files to {self.output}: {self.total_rows} rows{tail}"
+            )
+        else:
+            message = f"wrote {self.output}: {self.total_rows} rows{tail}"
         if self.log is not None:
             self.log(message)
         else:
             say(message)
+
+    def not_written(self) -> str:
+        """What a stopped run left at the output, for its last message."""
+        if not self.written:
+            return f"nothing was written to {self.output}"
+        return (
+            f"{len(self.written)} of {self.files} output files were written to {self.output} "
+            "(each complete), the others were not"
+        )
+
+    def rerun_hint(self) -> str:
+        """What rerunning the same command would do with the answers received so far."""
+        if self.caching:
+            return "a rerun reuses the answers received so far, which are cached"
+        return "the cache is off (--no-cache), so a rerun asks for every answer again"
 
     def _too_many_message(self, allowed: int) -> str:
         s = self.stats
@@ -208,23 +260,24 @@ class EnrichRun:
             f"{s.rows_failed} row(s) failed, more than the {allowed} allowed "
             f"(--max-failed-rows {self.max_failed_rows}, "
             f"--max-failed-rate {self.max_failed_rate:g}); by reason: {reasons}; "
-            f"first: {self.first_error}. Nothing was written to {self.output}. The answers "
-            "received are cached: fix the cause or raise the limit, then rerun the same command"
+            f"first: {self.first_error}. {_capital(self.not_written())}. Fix the cause or "
+            f"raise the limit, then rerun the same command: {self.rerun_hint()}"
         )
 
     # -- dry run -------------------------------------------------------------------------------
-    def _dry_run(self, pf: pq.ParquetFile, steps: list[Step], settings: Settings) -> None:
+    def _dry_run(self, readers: list[Reader], steps: list[Step], settings: Settings) -> None:
         """Print the plan: per step, what a run would send and cost (and as batches, with
         ``settings.batch``)."""
-        needed = _needed_columns(steps, list(pf.schema_arrow.names))
         totals = _Totals()
-        for rb in _batches(pf, self.input, batch_size=self.batch_size, columns=needed or None):
-            if rb.num_rows == 0:
-                continue
-            totals.batches += 1
-            df = _to_polars(rb, needed, self.input)
-            for sp in plan(df, steps, settings=settings):
-                _add_plan(totals.plans, sp)
+        for reader in readers:
+            needed = _needed_columns(steps, reader.columns)
+            for table in reader.batches(self.batch_size, columns=needed or None):
+                if table.num_rows == 0:
+                    continue
+                totals.batches += 1
+                df = _to_polars(table, needed, reader.file.where)
+                for sp in plan(df, steps, settings=settings):
+                    _add_plan(totals.plans, sp)
         self.plan_rows = [dataclasses.asdict(sp) for sp in totals.plans.values()]
         click.echo(_plan_table(totals, self.total_rows, self.input, self.batch_size))
         if settings.batch:
@@ -238,6 +291,8 @@ class EnrichRun:
             "input": str(self.input),
             "output": None if self.dry_run else str(self.output),
             "dry_run": self.dry_run,
+            "files": self.files,
+            "files_written": len(self.written),
             "rows": self.total_rows,
             "rows_done": s.rows_done,
             "calls": s.calls,
@@ -289,48 +344,22 @@ class EnrichRun:
 # --------------------------------------------------------------------------------------------
 # Input
 # --------------------------------------------------------------------------------------------
-def _open_parquet(path: Path) -> pq.ParquetFile:
-    if not path.exists():
-        raise InputError(f"input file {path} does not exist; check the path")
-    if path.is_dir():
-        raise InputError(f"input {path} is a folder; give a Parquet file")
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowException, ValueError) as e:
-        raise InputError(
-            f"{path} is not a Parquet file ({one_line(e)}); convert it first, e.g. "
-            "pl.read_csv(...).write_parquet(...)"
-        ) from e
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from e
+def _capital(text: str) -> str:
+    """``text`` starting a sentence (``str.capitalize`` would lower a path's capitals)."""
+    return text[:1].upper() + text[1:]
 
 
-def _batches(pf: pq.ParquetFile, path: Path, **options: Any) -> Iterator[pa.RecordBatch]:
-    """The file's record batches; a read failure is bad input, not a crash."""
-    batches = pf.iter_batches(**options)
-    while True:
-        try:
-            rb = next(batches)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError) as e:
-            raise InputError(
-                f"cannot read {path}: {one_line(e)}; the file may be truncated or corrupt"
-            ) from e
-        yield rb
-
-
-def _check_against_input(steps: Sequence[Step], columns: Sequence[str], path: Path) -> None:
+def _check_against_input(steps: Sequence[Step], columns: Sequence[str], where: object) -> None:
     """``check_steps``, with problems of the input's columns reported as bad input (exit 3)."""
     if ERROR_COLUMN in columns:
         raise InputError(
-            f"{path} already has an {ERROR_COLUMN!r} column (is it the output of an earlier "
+            f"{where} already has an {ERROR_COLUMN!r} column (is it the output of an earlier "
             f"run?); enrich the original file, or drop that column first"
         )
     try:
         check_steps(steps, columns)
     except ColumnMismatch as e:
-        raise InputError(f"{e} (input: {path})") from e
+        raise InputError(f"{e} (input: {where})") from e
 
 
 # Arrow types a template cannot put into a prompt as text, and how to make text of them.
@@ -347,7 +376,7 @@ _NOT_TEXT = (
 )
 
 
-def _check_column_types(steps: Sequence[Step], schema: pa.Schema, path: Path) -> None:
+def _check_column_types(steps: Sequence[Step], schema: pa.Schema, path: object) -> None:
     """Raise InputError if a template names a column whose values are not text, numbers or dates."""
     wanted = {n for s in steps for n in placeholders(s.template)}
     for name in schema.names:
@@ -370,30 +399,38 @@ def _needed_columns(steps: Sequence[Step], columns: Sequence[str]) -> list[str]:
     return [c for c in columns if c in wanted]
 
 
-def _to_polars(rb: pa.RecordBatch, needed: list[str], path: Path) -> pl.DataFrame:
+def _to_polars(table: pa.Table, needed: list[str], where: object) -> pl.DataFrame:
     """The columns the templates read, as a polars DataFrame (zero columns if none)."""
     if not needed:
-        return pl.DataFrame(height=rb.num_rows)
-    selected = rb.select(needed)
+        return pl.DataFrame(height=table.num_rows)
+    selected = table.select(needed)
     try:
         # Parquet does not check that text is UTF-8; Polars would panic on it.
         selected.validate(full=True)
     except pa.ArrowInvalid as e:
         raise InputError(
-            f"{path} holds text that is not valid UTF-8 in columns {', '.join(needed)} "
+            f"{where} holds text that is not valid UTF-8 in columns {', '.join(needed)} "
             f"({one_line(e)}); re-encode it as UTF-8"
         ) from e
     try:
-        return pl.DataFrame(pl.from_arrow(selected))
+        df = pl.from_arrow(selected)
     except Exception as e:  # an Arrow type polars cannot read
-        raise InputError(f"cannot read columns {', '.join(needed)} of {path}: {one_line(e)}") from e
+        raise InputError(
+            f"cannot read columns {', '.join(needed)} of {where}: {one_line(e)}"
+        ) from e
+    assert isinstance(df, pl.DataFrame)
+    return df
 
 
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------
-def _check_folder(path: Path, what: str) -> None:
-    """Raise InputError unless ``path``'s folder exists and a file can be created in it."""
+def _check_folder(where: Location, what: str) -> None:
+    """Raise InputError unless a file can be created at ``where`` (its folder, its bucket)."""
+    if where.remote:
+        _check_bucket(where, what)
+        return
+    path = Path(where.path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.exists():
         raise InputError(f"the {what} folder {folder} does not exist; create it first")
@@ -413,10 +450,10 @@ def _check_folder(path: Path, what: str) -> None:
         probe.unlink()
 
 
-def _check_report_path(report: Path, input: Path, output: Path | None) -> None:
+def _check_report_path(report: Path, input: object, output: object | None) -> None:
     """Raise ConfigError if the --report file would overwrite the input or the output."""
     for what, path in (("input", input), ("output", output)):
-        if path is not None and _same_file(report, path):
+        if path is not None and _same_file(report, Path(str(path))):
             raise ConfigError(
                 f"--report {report} names the {what} file; give the report its own file, "
                 "e.g. --report run.json"
@@ -432,96 +469,43 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
+def _check_bucket(where: Location, what: str) -> None:
+    bucket = where.path.split("/", 1)[0]
+    try:
+        found = where.fs.exists(bucket)
+    except OSError as e:
+        raise InputError(f"cannot reach the {what} bucket {bucket}: {one_line(e)}") from e
+    if not found:
+        raise InputError(f"the {what} bucket {bucket} of {where} does not exist; create it first")
 
 
-def _remove_stale_temp_files(path: Path) -> None:
-    """Delete temporary files left next to ``path`` by runs that were killed (kill -9).
-
-    A live run holds an exclusive lock on its temporary file; the kernel drops it when the
-    process dies, whatever host or container it ran in. A file we can lock is abandoned.
-    """
-    prefix = _temp_prefix(path)
-    with contextlib.suppress(OSError):
-        for entry in path.parent.iterdir():
-            if not entry.name.startswith(prefix):
-                continue
-            try:
-                with open(entry, "rb") as fh:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    entry.unlink()
-            except OSError:
-                continue  # locked by a run in progress, or already gone
-
-
-class _AtomicParquet:
-    """A Parquet file written batch by batch to a temporary file, then moved onto ``path``.
-
-    The schema is the first batch's; later batches are cast to it. On any exception (Ctrl-C
-    included) the temporary file is deleted and ``path`` is left as it was.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp = path
-        self.fh: Any = None
-        self.writer: pq.ParquetWriter | None = None
-        self.schema: pa.Schema | None = None
-
-    def __enter__(self) -> _AtomicParquet:
-        # A unique name (two containers may share a pid) and an exclusive lock held while the
-        # file is written, which tells other runs it is not abandoned.
-        # Created with mode 0o666 like any new file, so the umask decides who may read it
-        # (mkstemp's 0o600 would take the readers of a 0o644 output away).
-        while True:
-            self.tmp = self.path.with_name(_temp_prefix(self.path) + secrets.token_hex(8))
-            try:
-                fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                break
-            except FileExistsError:
-                continue
-        self.fh = os.fdopen(fd, "wb")  # closed in commit or __exit__
-        fcntl.flock(self.fh, fcntl.LOCK_EX)
-        return self
-
-    def write(self, table: pa.Table) -> None:
-        if self.writer is None:
-            self.schema = table.schema
-            self.writer = pq.ParquetWriter(self.fh, self.schema)
-        elif not table.schema.equals(self.schema):
-            table = table.cast(self.schema)
-        self.writer.write_table(table)
-
-    def commit(self) -> None:
-        assert self.writer is not None, "commit() after at least one write()"
-        self.writer.close()
-        self.writer = None
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.replace(self.tmp, self.path)
-        _fsync_folder(self.path.parent)
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.writer is not None:
-            with contextlib.suppress(Exception):
-                self.writer.close()
-        if self.fh is not None:
-            with contextlib.suppress(Exception):
-                self.fh.close()
-        if exc_type is not None:
-            with contextlib.suppress(OSError):
-                self.tmp.unlink()
+def _check_output_folder(out: Location, src: Location, readers: list[Reader]) -> list[Location]:
+    """The output file of each input file, in the OUTPUT folder; raise if it cannot hold them."""
+    targets = [out.child(r.file.relative) for r in readers]
+    if out.remote:
+        _check_bucket(out, "output")
+    else:
+        path = Path(out.path)
+        if path.exists() and not path.is_dir():
+            raise InputError(
+                f"{path} is a file, but a glob or a folder as INPUT writes one file per input "
+                "file into an OUTPUT folder; give a folder"
+            )
+        # An existing folder must be writable; a new one needs a writable parent.
+        _check_folder(out.child("x") if path.is_dir() else out, "output")
+    inputs = {_same(r.file.where) for r in readers}
+    clash = [str(t) for t in targets if _same(t) in inputs]
+    if clash:
+        raise InputError(
+            f"the output {clash[0]} would overwrite its own input; give an OUTPUT folder "
+            f"outside {src}"
+        )
+    return targets
 
 
-def _fsync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _same(where: Location) -> str:
+    """A key that is equal for two spellings of one path."""
+    return where.url if where.remote else os.path.realpath(where.path)
 
 
 # --------------------------------------------------------------------------------------------
