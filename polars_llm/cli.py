@@ -43,6 +43,7 @@ from .errors import (
 )
 from .local import INSTALL_HINT
 from .pipeline import Step, load_pipeline
+from .prompt import placeholders
 from .settings import Settings, default_cache_dir, get_settings
 
 EXIT_OK = 0
@@ -218,14 +219,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 # --------------------------------------------------------------------------------------------
 # enrich
 # --------------------------------------------------------------------------------------------
-def _parse_step(value: str) -> tuple[str, str]:
+def _parse_step(value: str, option: str = "--step") -> tuple[str, str]:
     name, sep, template = value.partition("=")
     name = name.strip()
     if not sep or not name or not template:
         raise click.BadParameter(
             f"{value!r} is not NAME=TEMPLATE; write e.g. "
-            "--step sentiment='Sentiment of this review: {review}'",
-            param_hint="'--step'",
+            f"{option} sentiment='Sentiment of this review: {{review}}'",
+            param_hint=f"'{option}'",
         )
     return name, template
 
@@ -233,7 +234,22 @@ def _parse_step(value: str) -> tuple[str, str]:
 def _steps_callback(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> list[tuple[str, str]]:
-    return [_parse_step(v) for v in values]
+    option = param.opts[0] if param.opts else "--step"
+    return [_parse_step(v, option) for v in values]
+
+
+def _labels_callback(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> list[list[str]]:
+    sets = [[label.strip() for label in value.split(",") if label.strip()] for value in values]
+    for value, labels in zip(values, sets, strict=True):
+        if len(labels) < 2:
+            raise click.BadParameter(
+                f"{value!r} names {len(labels)} label(s); give two or more, comma-separated, "
+                "e.g. --labels positive,negative,neutral",
+                param_hint="'--labels'",
+            )
+    return sets
 
 
 @dataclass
@@ -242,6 +258,10 @@ class _StepOptions:
 
     steps: list[tuple[str, str]]
     pipeline_file: Path | None
+    classify: list[tuple[str, str]]
+    labels: list[list[str]]
+    extract: list[tuple[str, str]]
+    schemas: tuple[Path, ...]
     model: str | None
     system: str | None
     max_tokens: int | None
@@ -272,6 +292,39 @@ class _StepOptions:
     help="A step: new column NAME from a prompt TEMPLATE whose {placeholders} name input "
     "columns or earlier steps. Repeat for more steps; they run in the order given, after the "
     "--pipeline file's steps. Example: --step sentiment='Sentiment of this review: {review}'",
+)
+@click.option(
+    "--classify",
+    multiple=True,
+    metavar="NAME=TEMPLATE",
+    callback=_steps_callback,
+    help="A classify step: column NAME, an Enum of the --labels given with it (the n-th --labels "
+    "goes with the n-th --classify). Example: --classify sentiment='Sentiment: {review}' "
+    "--labels positive,negative,neutral",
+)
+@click.option(
+    "--labels",
+    multiple=True,
+    metavar="A,B,C",
+    callback=_labels_callback,
+    help="The labels of a --classify step, comma-separated. Example: --labels yes,no",
+)
+@click.option(
+    "--extract",
+    multiple=True,
+    metavar="NAME=TEMPLATE",
+    callback=_steps_callback,
+    help="An extract step: column NAME, a Struct of the JSON schema in the --schema file given "
+    "with it (the n-th --schema goes with the n-th --extract). "
+    "Example: --extract facts='Facts in: {review}' --schema facts.json",
+)
+@click.option(
+    "--schema",
+    "schemas",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="A JSON schema file (an object schema) for an --extract step. Example: --schema facts.json",
 )
 @click.option(
     "--pipeline",
@@ -412,6 +465,14 @@ class _StepOptions:
     "cluster; put --ray last or write --ray=ADDRESS. Example: --ray ray://head:10001",
 )
 @click.option(
+    "--prices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="A JSON file of prices in USD per million tokens, "
+    '{"MODEL": {"input": 0.15, "output": 0.6}, ...}, over the built-in table (default: '
+    "$POLARS_LLM_PRICES). Example: --prices prices.json",
+)
+@click.option(
     "--progress/--no-progress",
     default=None,
     help="Show a progress bar (--progress) or nothing (--no-progress). Default: a bar on a "
@@ -442,6 +503,7 @@ def enrich(
     report: Path | None,
     no_wait: bool,
     ray_address: str | None,
+    prices: Path | None,
     **options: Any,
 ) -> int:
     """Add LLM-written columns to INPUT and write it to OUTPUT.
@@ -455,12 +517,22 @@ def enrich(
     is cached as it arrives: if the run is killed, rerun the same command and it continues where
     it stopped without paying twice. OUTPUT appears, atomically, only when every row is done.
     """
-    if not steps and pipeline_file is None:
+    if not (steps or options["classify"] or options["extract"]) and pipeline_file is None:
         raise click.UsageError(
-            "no steps: give --step NAME=TEMPLATE (repeatable) or --pipeline FILE"
+            "no steps: give --step NAME=TEMPLATE (repeatable), --classify, --extract "
+            "or --pipeline FILE"
         )
     if no_wait and not options["batch"]:
         raise click.UsageError("--no-wait goes with --batch (the Batch API)")
+    for typed, given, n_typed, n_given in (
+        ("--classify", "--labels", len(options["classify"]), len(options["labels"])),
+        ("--extract", "--schema", len(options["extract"]), len(options["schemas"])),
+    ):
+        if n_typed != n_given:
+            raise click.UsageError(
+                f"each {typed} needs one {given}, in the same order: got {n_typed} {typed} "
+                f"and {n_given} {given}"
+            )
     if ray_address is not None:
         if options["batch"]:
             raise click.UsageError("--batch (the Batch API) does not run with --ray; drop one")
@@ -487,6 +559,7 @@ def enrich(
         report=report,
         progress=options["progress"],
         wait=not no_wait,
+        prices=None if prices is None else str(prices),
     )
     return _run_enrich(run, _StepOptions(steps=steps, pipeline_file=pipeline_file, **options))
 
@@ -596,8 +669,18 @@ def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
         for k, v in (("max_tokens", opts.max_tokens), ("temperature", opts.temperature))
         if v is not None
     }
-    for name, template in opts.steps:
-        steps.append(Step(name=name, template=template, system=opts.system, params=params))
+    typed = [
+        [Step(name=n, template=t, system=opts.system, params=params) for n, t in opts.steps],
+        [
+            Step(name=n, template=t, system=opts.system, params=params, labels=labels)
+            for (n, t), labels in zip(opts.classify, opts.labels, strict=True)
+        ],
+        [
+            Step(name=n, template=t, system=opts.system, params=params, schema=_schema(path))
+            for (n, t), path in zip(opts.extract, opts.schemas, strict=True)
+        ],
+    ]
+    steps.extend(_in_dependency_order(typed, [s.name for s in steps]))
     names = [s.name for s in steps]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -623,6 +706,46 @@ def _steps_and_settings(opts: _StepOptions) -> tuple[list[Step], Settings]:
     )
     settings = settings.replace(**{k: v for k, v in given.items() if v is not None})
     return steps, settings
+
+
+def _schema(path: Path) -> dict[str, Any]:
+    """The JSON schema of an --extract step, from its --schema file."""
+    try:
+        schema = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read the --schema file {path}: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"the --schema file {path} is not valid JSON: {e}") from e
+    if not isinstance(schema, dict):
+        raise ConfigError(
+            f"the --schema file {path} holds a {type(schema).__name__}, not a JSON schema object"
+        )
+    return schema
+
+
+def _in_dependency_order(lists: list[list[Step]], before: list[str]) -> list[Step]:
+    """The --step, --classify and --extract steps merged, each list in its own order.
+
+    click does not say how options of different names interleave on the command line, so a
+    step goes as soon as the steps its template names (among these) are placed. A template that
+    names a step that cannot come first is left in place for check_steps to report.
+    """
+    queues = [list(steps) for steps in lists]
+    names = {s.name for q in queues for s in q}
+    placed = set(before)
+    merged: list[Step] = []
+    while any(queues):
+        ready = next(
+            (q for q in queues if q and set(placeholders(q[0].template)) & names <= placed),
+            None,
+        )
+        if ready is None:  # a cycle or a reference to a later step: keep the given order
+            merged.extend(s for q in queues for s in q)
+            break
+        step = ready.pop(0)
+        merged.append(step)
+        placed.add(step.name)
+    return merged
 
 
 def _aborted_message(e: BatchAborted, left: str, run: Any) -> str:

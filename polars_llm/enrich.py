@@ -47,7 +47,17 @@ from .files import (
     one_line,
     remove_stale_temp_files,
 )
-from .pipeline import ERROR_COLUMN, PipelineStats, Step, StepPlan, check_steps, pipeline, plan
+from .pipeline import (
+    ERROR_COLUMN,
+    PipelineStats,
+    Step,
+    StepPlan,
+    StepStats,
+    check_steps,
+    pipeline,
+    plan,
+)
+from .prices import cost, load_prices
 from .prompt import placeholders
 from .settings import Settings
 
@@ -87,6 +97,7 @@ class EnrichRun:
     wait: bool = True
     # Where the progress lines and the closing summary go instead of stderr (a scheduler's log).
     log: Callable[[str], None] | None = None
+    prices: str | None = None  # a JSON price file (see polars_llm.prices); else the defaults
     # Filled in as the run goes.
     t0: float = field(default_factory=time.monotonic, init=False)
     started: bool = field(default=False, init=False)  # the checks passed: a report is due
@@ -99,11 +110,15 @@ class EnrichRun:
     files: int = field(default=0, init=False)  # input files
     written: list[str] = field(default_factory=list, init=False)  # outputs in place
     caching: bool = field(default=True, init=False)  # answers go to the cache: a rerun resumes
+    price_table: dict[str, tuple[float, float]] = field(default_factory=dict, init=False)
+    settings: Settings | None = field(default=None, init=False)
 
     def run(self, steps: list[Step], settings: Settings) -> None:
         """Check ``steps`` against the input, then write the output or, for a dry run, the plan."""
         self.steps = steps
+        self.settings = settings
         self.caching = settings.cache_path() is not None
+        self.price_table = load_prices(self.prices)
         if self.report is not None:
             _check_report_path(self.report, self.input, None if self.dry_run else self.output)
         files, many = expand_input(self.input)
@@ -225,6 +240,7 @@ class EnrichRun:
             raise
         finally:
             progress.close(self.stats, tally=not bad_input)
+        (self.log or say)(self._numbers())
         failed = self.stats.rows_failed
         tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
         if many:
@@ -237,6 +253,63 @@ class EnrichRun:
             self.log(message)
         else:
             say(message)
+
+    def _numbers(self) -> str:
+        """Answers against rows, calls, tokens paid against served from the cache, and cost."""
+        s = self.stats
+        asked = s.answers - s.cached
+        cached_tokens = s.cached_prompt_tokens + s.cached_completion_tokens
+        spent = self.cost()
+        money = (
+            f"cost ${spent:,.4f}"
+            if isinstance(spent, float)
+            else f"cost unknown (no price for {spent}; give one with --prices FILE)"
+        )
+        return (
+            f"{s.answers} answers for {s.rows_done} rows x {len(self.steps)} step(s): "
+            f"{s.cached} from the cache, {asked} asked in {s.calls} calls ({s.retries} retries); "
+            f"tokens paid: {s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion "
+            f"({cached_tokens:,} more served from the cache, not paid again); {money}"
+        )
+
+    def step_numbers(self) -> list[dict[str, Any]]:
+        """Per step: where its requests went (endpoint, model) and what they cost."""
+        rows = []
+        for step in self.steps:
+            tally = self.stats.steps.get(step.name, StepStats())
+            endpoint, model = tally.endpoint, tally.model
+            if not model and self.settings is not None:
+                endpoint, model = _resolve(step, self.settings)
+            rows.append(
+                {
+                    "name": step.name,
+                    "template": step.template,
+                    "kind": "extract"
+                    if step.schema is not None
+                    else "classify"
+                    if step.labels is not None
+                    else "complete",
+                    "endpoint": endpoint,
+                    "model": model,
+                    **{
+                        k: v
+                        for k, v in dataclasses.asdict(tally).items()
+                        if k not in ("endpoint", "model")
+                    },
+                    "cost_usd": _usd(
+                        cost(model, tally.prompt_tokens, tally.completion_tokens, self.price_table)
+                    ),
+                }
+            )
+        return rows
+
+    def cost(self) -> float | str:
+        """USD paid by this run, or the models whose price is unknown (comma-separated)."""
+        steps = self.step_numbers()
+        unknown = sorted({st["model"] for st in steps if st["cost_usd"] == "unknown"})
+        if unknown:
+            return ", ".join(unknown)
+        return float(sum(st["cost_usd"] for st in steps))
 
     def not_written(self) -> str:
         """What a stopped run left at the output, for its last message."""
@@ -276,7 +349,7 @@ class EnrichRun:
                     continue
                 totals.batches += 1
                 df = _to_polars(table, needed, reader.file.where)
-                for sp in plan(df, steps, settings=settings):
+                for sp in plan(df, steps, settings=settings, prices=self.price_table):
                     _add_plan(totals.plans, sp)
         self.plan_rows = [dataclasses.asdict(sp) for sp in totals.plans.values()]
         click.echo(_plan_table(totals, self.total_rows, self.input, self.batch_size))
@@ -295,29 +368,22 @@ class EnrichRun:
             "files_written": len(self.written),
             "rows": self.total_rows,
             "rows_done": s.rows_done,
-            "calls": s.calls,
-            "cache_hits": s.cached,
             "failed_rows": s.rows_failed,
+            "answers": s.answers,
+            "cache_hits": s.cached,
+            "calls": s.calls,
+            "retries": s.retries,
             "failures_by_reason": dict(sorted(s.failures_by_reason.items())),
             "first_failure": self.first_error,
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": s.completion_tokens,
+            "cached_prompt_tokens": s.cached_prompt_tokens,
+            "cached_completion_tokens": s.cached_completion_tokens,
+            "cost_usd": _usd(spent if isinstance(spent := self.cost(), float) else None),
             "seconds": round(time.monotonic() - self.t0, 3),
             "exit_code": code,
             "error": error,
-            "steps": [
-                {
-                    "name": st.name,
-                    "template": st.template,
-                    "model": st.model,
-                    "kind": "extract"
-                    if st.schema is not None
-                    else "classify"
-                    if st.labels is not None
-                    else "complete",
-                }
-                for st in self.steps
-            ],
+            "steps": self.step_numbers(),
         }
         if self.plan_rows is not None:
             report["plan"] = self.plan_rows
@@ -344,6 +410,17 @@ class EnrichRun:
 # --------------------------------------------------------------------------------------------
 # Input
 # --------------------------------------------------------------------------------------------
+def _resolve(step: Step, settings: Settings) -> tuple[str, str]:
+    """The endpoint and model a step's requests go to, as its run resolves them."""
+    endpoint = settings.endpoint(step.model)
+    model = step.model or settings.default_model(endpoint)
+    return ("embedded" if endpoint.local else endpoint.base_url), model
+
+
+def _usd(value: float | None) -> float | str:
+    return "unknown" if value is None else round(value, 6)
+
+
 def _capital(text: str) -> str:
     """``text`` starting a sentence (``str.capitalize`` would lower a path's capitals)."""
     return text[:1].upper() + text[1:]
@@ -549,11 +626,15 @@ class _Progress:
         self.bar: Any = None
         self.done = 0
         self.mode, self.emit = _display(show, log)
-        if self.mode == "bar":
+
+    def _bar(self) -> Any:
+        # Made at the first update, which comes once the endpoint is up: the embedded model's
+        # banner, printed as it starts, then gets a line of its own instead of the bar's.
+        if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total,
+                total=self.total,
                 unit="row",
                 desc=PREFIX,
                 file=sys.stderr,
@@ -561,24 +642,20 @@ class _Progress:
                 # A terminal of unknown size (a 0x0 pty) would hide the bar.
                 **({} if _terminal_columns() else {"ncols": 100, "nrows": 20}),
             )
+        return self.bar
 
     def line(self, stats: PipelineStats) -> str:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
-        tokens = stats.prompt_tokens + stats.completion_tokens
         return (
-            f"{PREFIX}: {stats.rows_done}/{self.total} rows, {stats.cached} cached, "
-            f"{stats.rows_failed} failed, {stats.rows_done / elapsed:.0f} rows/s, "
-            f"{_human(tokens)} tokens"
+            f"{PREFIX}: {stats.rows_done}/{self.total} rows, {_counts(stats)}, "
+            f"{stats.rows_done / elapsed:.0f} rows/s"
         )
 
     def update(self, stats: PipelineStats) -> None:
         if self.mode == "bar":
-            tokens = stats.prompt_tokens + stats.completion_tokens
-            self.bar.set_postfix_str(
-                f"{stats.cached} cached, {stats.rows_failed} failed, {_human(tokens)} tokens",
-                refresh=False,
-            )
-            self.bar.update(stats.rows_done - self.done)
+            bar = self._bar()
+            bar.set_postfix_str(_counts(stats), refresh=False)
+            bar.update(stats.rows_done - self.done)
             self.done = stats.rows_done
         elif self.mode == "log":
             now = time.monotonic()
@@ -663,6 +740,15 @@ def _batch_plan(plans: list[StepPlan]) -> str:
     )
 
 
+def _counts(stats: PipelineStats) -> str:
+    """Answers from the cache, failed rows and tokens paid, for a progress line."""
+    paid = stats.prompt_tokens + stats.completion_tokens
+    return (
+        f"{stats.cached}/{stats.answers} answers cached, {stats.rows_failed} failed, "
+        f"{_human(paid)} tokens paid"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Dry run table
 # --------------------------------------------------------------------------------------------
@@ -672,6 +758,7 @@ _SUMMED = (
     "cached",
     "to_send",
     "unknown",
+    "unknown_calls",
     "est_prompt_tokens",
     "est_completion_tokens",
 )
@@ -707,6 +794,7 @@ def _plan_table(totals: _Totals, rows: int, path: Path, batch_size: int) -> str:
         "cached",
         "to send",
         "unknown",
+        "their calls",
         "est. prompt tok",
         "est. completion tok",
         "est. cost",
@@ -726,6 +814,7 @@ def _plan_table(totals: _Totals, rows: int, path: Path, batch_size: int) -> str:
                 f"{sp.cached:,}",
                 f"{sp.to_send:,}",
                 f"{sp.unknown:,}",
+                f"{sp.unknown_calls:,}",
                 f"{sp.est_prompt_tokens:,}",
                 f"{sp.est_completion_tokens:,}",
                 cost(sp.est_cost_usd),
@@ -763,7 +852,10 @@ def _plan_table(totals: _Totals, rows: int, path: Path, batch_size: int) -> str:
         "prompts: rows with a prompt; unique: distinct prompts; cached: answers already in the "
         "cache; to send: calls a run would make;",
         "unknown: prompts that depend on an earlier step's answer not cached yet (estimated from "
-        "the template). Costs are estimates; ? = no price known for the model.",
+        "the template); their calls: one per distinct input.",
+        "Completion tokens per call: the mean of the step's cached answers, else a label's size "
+        "for classify steps, else max_tokens (or 256). Costs are estimates; ? = no price known "
+        "for the model (--prices FILE).",
     ]
     if totals.batches > 1:
         lines.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -25,22 +26,15 @@ from .engine import Batch, CallSpec, Outcome, engine_loop, estimate_tokens, gath
 from .errors import ColumnMismatch, ConfigError, TemplateError, TooManyFailures
 from .options import split_options
 from .outputs import LabelPost, PostProcess, SchemaPost, TextPost
+from .prices import cost, load_prices
 from .progress import Display, Progress
 from .prompt import _parse, placeholders, render
 from .settings import OnError, Settings, get_settings
 
 ERROR_COLUMN = "llm_error"
 
-# Prices in USD per million tokens (input, output), for the dry run's cost estimate.
-PRICES = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "local": (0.0, 0.0),
-}
-# Completion tokens assumed per call in a dry run when max_tokens is not given.
+# Completion tokens assumed per call in a dry run of a text step with no max_tokens and no
+# cached answers to learn from.
 ASSUMED_COMPLETION_TOKENS = 256
 
 
@@ -311,8 +305,38 @@ def check_steps(steps: Sequence[Step], columns: Sequence[str]) -> None:
 
 
 @dataclass
+class StepStats:
+    """What one step did: where its requests went, how many, and their tokens.
+
+    ``answers`` counts rows answered (a value or an error), ``cached`` those served from the
+    cache, ``requests`` the distinct requests sent (identical prompts share one), ``calls`` the
+    HTTP attempts (retries and repair rounds included), ``retries`` the attempts beyond the
+    first of each request. Tokens count each request once: ``prompt_tokens`` and
+    ``completion_tokens`` were paid by this run, the ``cached_*`` ones were paid when the cached
+    answers were first asked and cost nothing now.
+    """
+
+    endpoint: str = ""  # the base URL used, or "embedded" for the embedded model
+    model: str = ""
+    answers: int = 0
+    cached: int = 0
+    requests: int = 0
+    calls: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+
+
+@dataclass
 class PipelineStats:
-    """What a pipeline run did, for progress displays and reports."""
+    """What a pipeline run did, for progress displays and reports.
+
+    ``cached`` counts step answers served from the cache (not rows); ``prompt_tokens`` and
+    ``completion_tokens`` are the tokens paid by this run, ``cached_*`` those of the answers
+    served from the cache. ``steps`` has the same by step name, with the endpoint and model.
+    """
 
     rows: int = 0
     rows_done: int = 0
@@ -328,6 +352,8 @@ class PipelineStats:
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     # step name -> (endpoint URL, model) it was sent to
     endpoints: dict[str, tuple[str, str]] = field(default_factory=dict)
+    answers: int = 0
+    steps: dict[str, StepStats] = field(default_factory=dict)
 
 
 class _Template:
@@ -402,6 +428,8 @@ def pipeline(
     inputs = sorted({n for s in steps for n in placeholders(s.template)} & set(df.columns))
     strings = {c: df.get_column(c).cast(pl.String).to_list() for c in inputs}
     first = _prefetch_first_step(df, steps[0], batches[0])
+    tallies = [stats.steps.setdefault(step.name, StepStats()) for step in steps]
+    seen: list[set[str]] = [set() for _ in steps]  # keys whose tokens are counted
     results: list[list[Any]] = [[None] * df.height for _ in steps]
     errors: list[str | None] = [None] * df.height
 
@@ -424,6 +452,7 @@ def pipeline(
                     outcome = await batch.complete_async(key, text)
             else:
                 outcome = await batch.resolve_async(key, text)
+            _tally(tallies[k], outcome, key, seen[k])
             if outcome.error is not None:
                 errors[i] = f"{step.name}: {outcome.error.reason}: {outcome.error.message}"
                 stats.rows_failed += 1
@@ -457,6 +486,7 @@ def pipeline(
 
     def report() -> None:
         _fold(stats, batches, base_counts)
+        _fold_steps(stats, batches, tallies, base_calls)
         if progress is not None:
             progress(stats)
         if display is not None:
@@ -464,6 +494,7 @@ def pipeline(
 
     base_counts = Progress()
     base_counts.add(stats_progress(stats))
+    base_calls = [t.calls for t in tallies]
     if any(first.get(t) is None for t in first) or len(steps) > 1:
         for batch in batches:
             batch.connect()
@@ -479,6 +510,9 @@ def pipeline(
             display.close()
             display = None
     report()
+    for tally, batch in zip(tallies, batches, strict=True):
+        tally.endpoint = "embedded" if batch.endpoint.local else batch.base_url
+        tally.model = batch.model
     for batch in batches:
         if batch.aborted is not None:
             raise batch.aborted
@@ -539,6 +573,35 @@ def _fold(stats: PipelineStats, batches: Sequence[Batch], base: Progress) -> Non
         setattr(stats, name, getattr(total, name))
 
 
+def _tally(tally: StepStats, outcome: Outcome, key: str, seen: set[str]) -> None:
+    """Count one row's answer of a step; a request's tokens once, as paid or as cached."""
+    tally.answers += 1
+    tally.cached += outcome.cached
+    if key in seen:  # an identical prompt of this batch: answered once, counted once
+        return
+    seen.add(key)
+    if outcome.cached:
+        tally.cached_prompt_tokens += outcome.prompt_tokens
+        tally.cached_completion_tokens += outcome.completion_tokens
+    else:
+        tally.requests += 1
+        tally.prompt_tokens += outcome.prompt_tokens
+        tally.completion_tokens += outcome.completion_tokens
+
+
+def _fold_steps(
+    stats: PipelineStats,
+    batches: Sequence[Batch],
+    tallies: Sequence[StepStats],
+    base_calls: Sequence[int],
+) -> None:
+    """Per step: HTTP attempts and retries; in all: answers (rows x steps)."""
+    for tally, batch, calls in zip(tallies, batches, base_calls, strict=True):
+        tally.calls = calls + batch.progress.calls
+        tally.retries = max(0, tally.calls - tally.requests)
+    stats.answers = sum(t.answers for t in stats.steps.values())
+
+
 def _prefetch_first_step(df: pl.DataFrame, step: Step, batch: Batch) -> dict[str, Outcome | None]:
     """Cache hits of the first step's unique prompts, read in one transaction."""
     prompts = df.select(render(step.template).alias("p")).get_column("p")
@@ -561,25 +624,32 @@ class StepPlan:
     est_prompt_tokens: int = 0
     est_completion_tokens: int = 0
     est_cost_usd: float | None = None
+    # Calls the unknown prompts would make: rows with the same inputs get the same earlier
+    # answers (one answer per distinct prompt), so the same prompt, sent once.
+    unknown_calls: int = 0
 
 
 def plan(
-    df: pl.DataFrame, steps: Sequence[Step], *, settings: Settings | None = None
+    df: pl.DataFrame,
+    steps: Sequence[Step],
+    *,
+    settings: Settings | None = None,
+    prices: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[StepPlan]:
     """What a run would send, from the cache alone: no call is made.
 
     Rows whose earlier steps are cached are followed into later steps; rows that wait on an
     answer not yet cached are counted as ``unknown`` and estimated from the template alone.
+    Costs come from ``prices`` (default: :func:`polars_llm.prices.load_prices`).
     """
     base = settings if settings is not None else get_settings()
     check_steps(steps, df.columns)
     inputs = sorted({n for s in steps for n in placeholders(s.template)} & set(df.columns))
+    strings = {c: df.get_column(c).cast(pl.String).to_list() for c in inputs}
     rows: list[dict[str, str | None]] = (
         [
             dict(zip(inputs, values, strict=True))
-            for values in zip(
-                *(df.get_column(c).cast(pl.String).to_list() for c in inputs), strict=True
-            )
+            for values in zip(*(strings[c] for c in inputs), strict=True)
         ]
         if inputs
         else [{} for _ in range(df.height)]
@@ -588,17 +658,25 @@ def plan(
     # for a row only if its template reads one of them.
     pending: list[set[str]] = [set() for _ in range(df.height)]
     plans: list[StepPlan] = []
+    answer_tokens: dict[str, int] = {}  # per step, the completion tokens expected per answer
+    table = load_prices() if prices is None else prices
+    # Per step, the input columns its prompt depends on, through the earlier steps it reads.
+    sources: dict[str, list[str]] = {}
     for step in steps:
         deps = set(placeholders(step.template))
+        sources[step.name] = sorted(
+            {c for d in deps for c in (sources.get(d) or ([d] if d in inputs else []))}
+        )
         batch = Batch(step.spec(base))
         template = _Template(step.template)
         literal = sum(len(lit) for lit, _ in template.parts)
-        max_tokens = int(batch.params.get("max_tokens") or ASSUMED_COMPLETION_TOKENS)
         sp = StepPlan(step.name, batch.model)
         texts: dict[str, list[int]] = {}
+        unknown_inputs: set[tuple[str | None, ...]] = set()
         for i, values in enumerate(rows):
             if deps & pending[i]:
                 sp.unknown += 1
+                unknown_inputs.add(tuple(strings[c][i] for c in sources[step.name]))
                 pending[i].add(step.name)
                 continue
             text = template.render(values)
@@ -609,23 +687,42 @@ def plan(
         sp.prompts = sum(len(v) for v in texts.values()) + sp.unknown
         sp.unique = len(texts)
         _, found = batch.lookup(list(texts))
+        cached_answers: list[int] = []  # completion tokens of the answers already cached
         for (text, row_ids), outcome in zip(texts.items(), found, strict=True):
             if outcome is not None and outcome.error is None:
                 sp.cached += 1
+                cached_answers.append(outcome.completion_tokens)
                 for i in row_ids:
                     rows[i][step.name] = _as_text(outcome.value)
                 continue
             sp.to_send += 1
             sp.est_prompt_tokens += estimate_tokens(text) + batch.system_tokens
-            sp.est_completion_tokens += max_tokens
             for i in row_ids:
                 pending[i].add(step.name)
-        sp.est_prompt_tokens += sp.unknown * (literal // 4 + max_tokens)
-        sp.est_completion_tokens += sp.unknown * max_tokens
-        price = PRICES.get(batch.model)
-        if price is not None:
-            sp.est_cost_usd = (
-                sp.est_prompt_tokens * price[0] + sp.est_completion_tokens * price[1]
-            ) / 1e6
+        per_call = _completion_estimate(step, batch.params.get("max_tokens"), cached_answers)
+        answer_tokens[step.name] = per_call
+        # A prompt still unknown: the template's text plus the earlier answers it takes in.
+        inserted = sum(answer_tokens.get(name, 0) for name in deps)
+        sp.unknown_calls = len(unknown_inputs)
+        sp.est_prompt_tokens += sp.unknown_calls * (literal // 4 + inserted + batch.system_tokens)
+        sp.est_completion_tokens = (sp.to_send + sp.unknown_calls) * per_call
+        sp.est_cost_usd = cost(batch.model, sp.est_prompt_tokens, sp.est_completion_tokens, table)
         plans.append(sp)
     return plans
+
+
+def _completion_estimate(step: Step, max_tokens: Any, cached_answers: Sequence[int]) -> int:
+    """Completion tokens to expect per call of ``step``.
+
+    The mean of the step's answers already in the cache when there are some; else, for a
+    classify step, the longest label's answer; else ``max_tokens``, else
+    ASSUMED_COMPLETION_TOKENS. Never more than ``max_tokens``.
+    """
+    known = [n for n in cached_answers if n > 0]
+    if known:
+        guess = math.ceil(sum(known) / len(known))
+    elif step.labels is not None:
+        guess = max(estimate_tokens(json.dumps({"label": label})) for label in step.labels)
+    else:
+        guess = int(max_tokens or ASSUMED_COMPLETION_TOKENS)
+    return min(guess, int(max_tokens)) if max_tokens else guess

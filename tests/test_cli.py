@@ -184,7 +184,8 @@ def test_rerun_is_served_from_the_cache(server: FakeServer, tmp_path: Path) -> N
     assert result.exit_code == 0
     assert server.stats().calls == calls
     assert_frame_equal(pl.read_parquet(out), first)
-    assert "19 cached, 0 failed" in result.stderr  # the progress line at the end
+    # The progress line at the end: answers (not rows) from the cache, and nothing paid.
+    assert "20/20 rows, 19/19 answers cached, 0 failed, 0 tokens paid" in result.stderr
 
 
 def test_progress_flags(server: FakeServer, tmp_path: Path) -> None:
@@ -192,11 +193,14 @@ def test_progress_flags(server: FakeServer, tmp_path: Path) -> None:
     src = write(reviews(), tmp_path / "in.parquet")
     args = ["enrich", str(src), str(tmp_path / "o.parquet"), "--step", SENTIMENT, *endpoint(server)]
     log = invoke(args).stderr
-    assert "polars-llm: 20/20 rows, 0 cached, 0 failed, " in log and " tokens\n" in log
+    assert "polars-llm: 20/20 rows, 0/19 answers cached, 0 failed, " in log
+    assert " tokens paid, " in log and " rows/s\n" in log
     bar = invoke([*args, "--progress"]).stderr
-    assert "20/20 [" in bar and "19 cached, 0 failed" in bar and "row/s" in bar
-    quiet = invoke([*args, "--no-progress"]).stderr
-    assert quiet.splitlines() == [f"polars-llm: wrote {tmp_path / 'o.parquet'}: 20 rows"]
+    assert "20/20 [" in bar and "19/19 answers cached, 0 failed" in bar and "row/s" in bar
+    quiet = invoke([*args, "--no-progress"]).stderr.splitlines()
+    # No progress, only the closing summary.
+    assert quiet[-1] == f"polars-llm: wrote {tmp_path / 'o.parquet'}: 20 rows"
+    assert len(quiet) == 2 and quiet[0].startswith("polars-llm: 19 answers for 20 rows")
 
 
 # --------------------------------------------------------------------------------------------
