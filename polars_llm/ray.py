@@ -33,6 +33,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 try:
     import ray
@@ -410,25 +411,35 @@ class RayRun:
     started: bool = dataclasses.field(default=False, init=False)
     committed: bool = dataclasses.field(default=False, init=False)
 
+    def not_written(self) -> str:
+        """What a stopped run left at the output: nothing (the outputs move together)."""
+        return f"nothing was written to {self.output}"
+
+    def rerun_hint(self) -> str:
+        """What rerunning the same command does with the answers received so far."""
+        return "a rerun reuses the answers received so far, which are cached"
+
     def run(self, steps: list[Step], settings: Settings) -> None:
         """Check the folders and the steps, then enrich every file and write the outputs."""
-        from .enrich import _check_against_input, _check_folder, _open_parquet
+        from .enrich import _check_against_input, _check_folder
+        from .files import InputFile, Reader, location
 
         files = self._input_files()
-        schemas = [_open_parquet(f).schema_arrow for f in files]
+        # Reader says in one line what is wrong with a file; then its schema is readable.
+        rows = [Reader(InputFile(location(f), f.name)).rows for f in files]
+        schemas = [pq.read_schema(f) for f in files]
         for path, schema in zip(files[1:], schemas[1:], strict=True):
             if not schema.equals(schemas[0]):
                 raise InputError(
                     f"{path} does not have the columns and types of {files[0]}; the files of "
                     f"{self.input} must share one schema"
                 )
-        rows = [_open_parquet(f).metadata.num_rows for f in files]
         _check_against_input(steps, schemas[0].names, files[0])
         if not self.output.is_dir():
             raise InputError(f"the output folder {self.output} does not exist; create it first")
         if self.output.resolve() == self.input.resolve():
             raise InputError("the output folder is the input folder; give another output folder")
-        _check_folder(self.output / files[0].name, "output")
+        _check_folder(location(self.output / files[0].name), "output")
         self.started = True
         _connect(self.address)
         # Ray Data logs a failed job's traceback on stderr; the CLI says it in one line.
@@ -452,7 +463,8 @@ class RayRun:
         return files
 
     def _write(self, out: ray.data.Dataset, files: list[Path], rows: list[int]) -> None:
-        from .enrich import _AtomicParquet, _remove_stale_temp_files, say
+        from .enrich import say
+        from .files import AtomicOutput, location, remove_stale_temp_files
 
         total = sum(rows)
         allowed = max(self.max_failed_rows, int(self.max_failed_rate * total + 1e-9))
@@ -461,8 +473,9 @@ class RayRun:
         with contextlib.ExitStack() as stack:
             writers = []
             for f in files:
-                _remove_stale_temp_files(self.output / f.name)
-                writers.append(stack.enter_context(_AtomicParquet(self.output / f.name)))
+                target = location(self.output / f.name)
+                remove_stale_temp_files(target)
+                writers.append(stack.enter_context(AtomicOutput(target, "parquet")))
             index, left = 0, rows[0]
             try:
                 for batch in out.iter_batches(batch_format="pyarrow", batch_size=None):
