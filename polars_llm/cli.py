@@ -538,8 +538,8 @@ def enrich(
             raise click.UsageError("--batch (the Batch API) does not run with --ray; drop one")
         return _run_enrich(
             _ray_run(
-                input_path,
-                output_path,
+                Path(input_path),  # with --ray, local folders only
+                Path(output_path),
                 ray_address,
                 batch_size,
                 max_failed_rows,

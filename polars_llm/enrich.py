@@ -785,7 +785,7 @@ def _add_plan(plans: dict[str, StepPlan], sp: StepPlan) -> None:
         total.est_cost_usd = None
 
 
-def _plan_table(totals: _Totals, rows: int, path: Path, batch_size: int) -> str:
+def _plan_table(totals: _Totals, rows: int, path: object, batch_size: int) -> str:
     header = [
         "step",
         "model",
