@@ -36,6 +36,7 @@ FAN_OUT = "class Outline(BaseModel):"
 FAKE_SERVER = "with FakeServer(latency=0.05"
 JUDGE = "def judge(body: dict) -> str:"
 CLI = "polars-llm enrich reviews.parquet enriched.parquet"
+RAY = "import polars_llm.ray"
 
 
 def block(containing: str, lang: str = "python") -> str:
@@ -179,9 +180,38 @@ def test_cli_example_runs_as_written(fake: FakeServer, tmp_path: Path) -> None:
     assert out["reply"].str.contains("review: Great lamp.").any()
 
 
+def test_ray_example_runs_on_a_local_ray(
+    fake: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Ray Data example, on a 2-CPU local Ray with local folders for its buckets."""
+    import ray
+
+    (tmp_path / "reviews").mkdir()
+    pl.DataFrame({"review": [f"review {i}" for i in range(20)]}).write_parquet(
+        tmp_path / "reviews" / "part-0.parquet"
+    )
+    # Ray's workers find the endpoint where an application's would: in the environment.
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    code = (
+        block(RAY)
+        .replace("ray.init()", "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)")
+        .replace("s3://bucket/", f"{tmp_path}/")
+        .replace("workers=8", "workers=2")  # as many as the local Ray's CPUs
+    )
+    try:
+        run_block(code, {})
+    finally:
+        ray.shutdown()
+    out = pl.read_parquet(tmp_path / "enriched")
+    assert sorted(out["sentiment"].to_list()) == sorted(
+        f"echo: Sentiment of this review, one word: review {i}" for i in range(20)
+    )
+
+
 def test_every_python_example_has_a_test() -> None:
     """Each python block of the README is one of those run above."""
-    markers = [INTRO, CONFIGURE, DETAILS, PIPELINE, FAN_OUT, FAKE_SERVER, JUDGE]
+    markers = [INTRO, CONFIGURE, DETAILS, PIPELINE, FAN_OUT, FAKE_SERVER, JUDGE, RAY]
     python = [code for kind, code in BLOCKS if kind == "python"]
     untested = [code for code in python if not any(m in code for m in markers)]
     assert not untested, untested
