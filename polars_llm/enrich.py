@@ -483,7 +483,8 @@ def _to_polars(table: pa.Table, needed: list[str], where: object) -> pl.DataFram
     selected = table.select(needed)
     try:
         # Parquet does not check that text is UTF-8; Polars would panic on it.
-        selected.validate(full=True)
+        for rb in selected.to_batches():
+            rb.validate(full=True)
     except pa.ArrowInvalid as e:
         raise InputError(
             f"{where} holds text that is not valid UTF-8 in columns {', '.join(needed)} "
