@@ -43,7 +43,8 @@ from .batch import POLL_MAX, BatchPending, BatchProgress, wait_for_batches
 from .cli import DEFAULT_BATCH_SIZE, EXIT_ABORTED, EXIT_INPUT, EXIT_USAGE, failure
 from .enrich import EnrichRun
 from .errors import BatchAborted, ConfigError, EmptyInput, FatalError
-from .pipeline import PRICES, Step, load_pipeline
+from .pipeline import Step, load_pipeline
+from .prices import PRICES
 from .settings import OPENAI_URL, Settings, get_settings
 
 __all__ = ["BatchTrigger", "EnrichOperator"]
