@@ -511,7 +511,7 @@ def pipeline(
             display = None
     report()
     for tally, batch in zip(tallies, batches, strict=True):
-        tally.endpoint = "embedded" if batch.endpoint.local else batch.base_url
+        tally.endpoint = "embedded" if batch.target.local else batch.base_url
         tally.model = batch.model
     for batch in batches:
         if batch.aborted is not None:
@@ -599,7 +599,13 @@ def _fold_steps(
     for tally, batch, calls in zip(tallies, batches, base_calls, strict=True):
         tally.calls = calls + batch.progress.calls
         tally.retries = max(0, tally.calls - tally.requests)
-    stats.answers = sum(t.answers for t in stats.steps.values())
+    every = stats.steps.values()
+    stats.answers = sum(t.answers for t in every)
+    # Tokens once per request (identical prompts of a batch are one request), paid or cached.
+    stats.prompt_tokens = sum(t.prompt_tokens for t in every)
+    stats.completion_tokens = sum(t.completion_tokens for t in every)
+    stats.cached_prompt_tokens = sum(t.cached_prompt_tokens for t in every)
+    stats.cached_completion_tokens = sum(t.cached_completion_tokens for t in every)
 
 
 def _prefetch_first_step(df: pl.DataFrame, step: Step, batch: Batch) -> dict[str, Outcome | None]:
