@@ -263,7 +263,7 @@ def _step(step: Step | str) -> Step:
     return Step(name=name.strip(), template=template)
 
 
-def _task_error(e: Exception, output: Path) -> BaseException:
+def _task_error(e: Exception, output: str | os.PathLike[str]) -> BaseException:
     """The Airflow exception for what ``EnrichRun.run`` raised: skip, fail, or retry."""
     if isinstance(e, AirflowException):
         return e

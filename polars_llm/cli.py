@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sqlite3
 import sys
@@ -629,7 +630,7 @@ def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:
     return code
 
 
-def failure(e: Exception, output: Path | str, run: Any = None) -> tuple[int, str]:
+def failure(e: Exception, output: str | os.PathLike[str], run: Any = None) -> tuple[int, str]:
     """The exit code of an error that ``EnrichRun.run`` raised, and the one-line reason to give.
 
     The Airflow operator raises with the same reason and maps the code to a task outcome.

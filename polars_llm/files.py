@@ -73,7 +73,7 @@ class Location:
     def open(self) -> BinaryIO:
         if self.fs is None:
             return open(self.path, "rb")
-        return self.fs.open(self.path, "rb")  # type: ignore[no-any-return]
+        return self.fs.open(self.path, "rb")
 
     def exists(self) -> bool:
         return self.fs.exists(self.path) if self.fs is not None else Path(self.path).exists()
@@ -92,7 +92,7 @@ def location(text: str | os.PathLike[str]) -> Location:
     if not sep or len(scheme) < 2:  # a Windows drive letter is not a scheme
         return Location(text, text)
     try:
-        import fsspec
+        import fsspec  # type: ignore[import-untyped]  # no type hints shipped
     except ImportError as e:
         raise InputError(f"{text}: {_install_hint(scheme)}") from e
     try:
