@@ -18,7 +18,7 @@ or a backfill of the same day) pays only for the prompts not answered yet.
   :class:`BatchTrigger`, which polls them on the triggerer; the task resumes to collect the answers
   and write the output (or to submit the next round and defer again).
 
-Requires ``pip install 'polars-llm[airflow]'`` (Airflow 3.1 or newer).
+Requires ``pip install -e '.[airflow]'`` in a clone of polars-llm (Airflow 3.1 or newer).
 """
 
 from __future__ import annotations

@@ -461,7 +461,7 @@ class _StepOptions:
     flag_value="",
     default=None,
     metavar="[ADDRESS]",
-    help="Run on a Ray cluster (needs polars-llm[ray]): INPUT and OUTPUT are folders, and each "
+    help="Run on a Ray cluster (needs the ray extra): INPUT and OUTPUT are folders, and each "
     "Parquet file of INPUT gives one file of the same name in OUTPUT. Without ADDRESS, a local "
     "cluster; put --ray last or write --ray=ADDRESS. Example: --ray ray://head:10001",
 )

@@ -42,7 +42,9 @@ try:
 except ImportError as e:  # pragma: no cover - the extra is installed in CI
     from .errors import ConfigError
 
-    raise ConfigError("polars_llm.ray needs Ray Data: pip install 'polars-llm[ray]'") from e
+    raise ConfigError(
+        "polars_llm.ray needs Ray Data: pip install -e '.[ray]' in the polars-llm clone"
+    ) from e
 
 from .errors import ConfigError, InputError, PolarsLLMError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, check_steps, load_pipeline, pipeline

@@ -399,7 +399,7 @@ class RedisState:
                 import redis.asyncio as aioredis
             except ImportError as e:
                 raise ConfigError(
-                    "shared_url needs the redis package: pip install 'polars-llm[redis]'"
+                    "shared_url needs the redis package: pip install -e '.[redis]' in the polars-llm clone"
                 ) from e
             self._client = aioredis.Redis.from_url(self.url, decode_responses=True)
             for name, source in (

@@ -2,7 +2,7 @@
 
 The same job as ``enrich_reviews_cli.py``, with the operator instead of a shell command: it runs
 the enrich path in the task's process, logs its progress, and returns the run's report, which
-Airflow pushes to XCom for the tasks downstream. Needs ``pip install 'polars-llm[airflow]'`` on
+Airflow pushes to XCom for the tasks downstream. Needs ``pip install -e '.[airflow]'`` (in a clone of polars-llm) on
 the workers, and the same connection and Variables:
 
 - connection ``openai_default`` (type ``openai``): password = the API key, host = the base URL;

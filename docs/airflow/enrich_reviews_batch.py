@@ -11,7 +11,7 @@ A worker that dies mid-task loses nothing: the retry finds the batches already s
 cache folder's ledger, or through the Batch API's own list from another machine) and waits for
 them instead of paying twice.
 
-Needs ``pip install 'polars-llm[airflow]'``, the connection ``openai_default`` (password = the
+Needs ``pip install -e '.[airflow]'`` (in a clone of polars-llm), the connection ``openai_default`` (password = the
 API key, host = the base URL) and the Variable ``reviews_data`` (``raw/all/<day>.parquet``, a
 folder ``enriched/all/``).
 """
