@@ -235,8 +235,11 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         stats = server.stats()
     assert_frame_equal(pl.read_parquet(out), pl.read_parquet(reference))
-    assert stats.calls <= unique + concurrency
-    assert sum(n - 1 for n in stats.prompts.values()) <= concurrency
+    # Paid again: what was in flight at the kill, and the answers the cache writer was still
+    # gathering (it writes every few milliseconds, see cache._GATHER): a round of the
+    # concurrency each at most.
+    assert stats.calls <= unique + 2 * concurrency
+    assert sum(n - 1 for n in stats.prompts.values()) <= 2 * concurrency
     assert stats.calls - killed_calls < unique  # the rerun did not start over
     assert leftovers(tmp_path) == []  # the killed run's temporary file was cleaned up
 
