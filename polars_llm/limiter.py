@@ -21,7 +21,8 @@ import collections
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 from .shared import InProcessState, SharedState, SharedStateError, report_broken
 
@@ -53,9 +54,12 @@ class Limiter:
 
     ``shared`` is the home of the rate budget and cooldown this limiter shares with other
     processes, under the name ``scope`` (see ``shared.scope_for``); by default, this process's.
-    With ``probe``, while no limit is configured, one request at a time goes until the endpoint
-    first answers: its headers may state the limits, which then space the rest (rather than a
-    burst at full concurrency learning them from 429s).
+    Before its first request the limiter meets its home (``SharedState.meet``): limits that
+    the endpoint stated earlier, to this or another process, apply at once. With ``probe``,
+    while no limit is known and other processes send through the same home, one request at a time goes until the endpoint
+    first answers: its headers may state the limits, which then space the rest (rather than
+    several processes' bursts at full concurrency learning them from 429s). A process alone
+    sends at once: a bad key or model stops everything at its first answer anyway (endpoint.py).
     """
 
     def __init__(
@@ -69,7 +73,14 @@ class Limiter:
         probe: bool = False,
     ) -> None:
         self._clock = clock
-        self._probing = probe
+        self._answered_once = False
+        self._probe = probe
+        self._probing = False
+        # Whether other processes share the home is asked once, before the first request.
+        self._presence: asyncio.Future[None] | None = None
+        # Requests sent with no rate budget known lately (while not alone): charged to the
+        # shared timeline once a limit is learned, so the others' budget starts after them.
+        self._unbudgeted: collections.deque[float] = collections.deque()
         self._max = concurrency
         self._limit = float(concurrency)  # adaptive: cut on 429, grown back on success
         self._active = 0
@@ -79,7 +90,7 @@ class Limiter:
         self._shared: SharedState = shared if shared is not None else InProcessState(clock)
         self._alone = shared is None  # no other process to hear from or tell
         self._scope = scope
-        self._pending: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Task[Any]] = set()
         self._rpm: int | None = None
         self._tpm: int | None = None
         self._learned_rpm: int | None = None  # from x-ratelimit-limit-* headers
@@ -124,6 +135,7 @@ class Limiter:
         self._shared, self._scope = home, scope
         self._alone = isinstance(home, InProcessState)
         self._granted_until = -math.inf  # budget taken from another home is not this one's
+        self._presence = None
 
     @property
     def rpm(self) -> int | None:
@@ -148,6 +160,7 @@ class Limiter:
         return max(1, int(self._limit))
 
     def _answered(self) -> None:
+        self._answered_once = True
         if self._probing:
             self._probing = False
             self._wake()
@@ -159,7 +172,28 @@ class Limiter:
     # -- admission -------------------------------------------------------------------------
     async def acquire(self, tokens: int = 0) -> None:
         """Wait for a concurrency slot, then for the rate budgets and any cooldown."""
-        await self._acquire_slot()
+        if self._presence is None or not self._presence.done():
+            await self._look_around()
+        if self._active < self.limit and not self._waiters:
+            self._active += 1
+        else:
+            await self._acquire_slot()
+        if not (
+            self._rate_waiting
+            or self._spacing
+            or self._rpm
+            or self._tpm
+            or self._learned_rpm
+            or self._learned_tpm
+        ):
+            # The common case with no rate limit: nothing to wait for, no lock to take.
+            now = self._clock()
+            if now >= self._cooldown_until:
+                if self._alone:
+                    return
+                if now < self._next_poll:
+                    self._note_unbudgeted(now)
+                    return
         try:
             self._rate_waiting += 1
             try:
@@ -170,6 +204,27 @@ class Limiter:
         except BaseException:
             self.release()
             raise
+
+    async def _look_around(self) -> None:
+        """Before the first request: probe if others may burst beside us (see the class doc)."""
+        if self._presence is None:
+            if self._alone:
+                self._presence = asyncio.get_running_loop().create_future()
+                self._presence.set_result(None)
+                return
+            self._presence = asyncio.ensure_future(self._ask_presence())
+        await asyncio.shield(self._presence)
+
+    async def _ask_presence(self) -> None:
+        try:
+            met = await self._shared.meet(self._scope)
+        except SharedStateError as e:
+            self._lose_shared(e)
+            return
+        self._learned_rpm = self._learned_rpm or met.rpm
+        self._learned_tpm = self._learned_tpm or met.tpm
+        if met.others and self._probe and not self._answered_once:
+            self._probing = True
 
     def _cost(self, tokens: int) -> float:
         """Seconds of the timeline one request takes under the budgets in force."""
@@ -188,7 +243,10 @@ class Limiter:
                 await asyncio.sleep(wait)
                 continue
             if cost == 0.0:
-                if now < self._next_poll or self._alone:
+                if self._alone:
+                    break
+                self._note_unbudgeted(now)
+                if now < self._next_poll:
                     break
                 # No budget to take, but another process's 429 may hold everyone back.
                 self._next_poll = now + COOLDOWN_POLL
@@ -208,6 +266,22 @@ class Limiter:
             break
         if self._spacing:
             self._cooldown_until = max(self._cooldown_until, self._clock() + self._spacing)
+
+    def _note_unbudgeted(self, now: float) -> None:
+        sent = self._unbudgeted
+        sent.append(now)
+        while sent[0] < now - 1.0:
+            sent.popleft()
+
+    def _charge_unbudgeted(self) -> None:
+        """A limit just became known: charge the requests sent in the last second without
+        budget to the shared timeline, so the budget handed out next starts after them."""
+        now = self._clock()
+        sent = sum(1 for t in self._unbudgeted if t >= now - 1.0)
+        self._unbudgeted.clear()
+        cost = self._cost(0)
+        if sent and cost and not self._alone:
+            self._spawn(self._reserve(sent * cost))
 
     async def _take_chunk(self, cost: float) -> None:
         """Take the next stretch of the shared timeline: whole requests' worth, as many as are
@@ -305,7 +379,17 @@ class Limiter:
             except SharedStateError as e:
                 self._lose_shared(e)
 
-        task = loop.create_task(push())
+        self._spawn(push(), loop)
+
+    def _spawn(
+        self, coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        try:
+            loop = loop or asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            return
+        task = loop.create_task(coro)
         self._pending.add(task)  # a task nobody references may be collected mid-flight
         task.add_done_callback(self._pending.discard)
 
@@ -334,10 +418,16 @@ class Limiter:
             limit = _positive_int(lower.get(f"x-ratelimit-limit-{kind}"))
             if limit is None:
                 continue
+            known = self.rpm or self.tpm
+            learned = self._learned_rpm if kind == "requests" else self._learned_tpm
             if kind == "requests":
                 self._learned_rpm = limit
             else:
                 self._learned_tpm = limit
+            if not known:
+                self._charge_unbudgeted()
+            if limit != learned:
+                self._remember(kind, limit)
             # The endpoint says its budget is spent: wait for it to refill rather than learn
             # it from a 429. The reset header tells when the budget is whole again; one
             # request's share of it (or a second, whichever is longer) is back sooner.
@@ -346,6 +436,20 @@ class Limiter:
                 if reset:
                     pause = min(reset, max(1.0, 60.0 / limit))
                     self._cooldown_until = max(self._cooldown_until, self._clock() + pause)
+
+    def _remember(self, kind: str, limit: int) -> None:
+        """Keep a limit the endpoint stated in the home, for processes and runs to come."""
+        if self._alone:
+            return
+        rpm, tpm = (limit, None) if kind == "requests" else (None, limit)
+
+        async def learn() -> None:
+            try:
+                await self._shared.learn(self._scope, rpm, tpm)
+            except SharedStateError as e:
+                self._lose_shared(e)
+
+        self._spawn(learn())
 
     def tokens_for(self, chars: int) -> int:
         """The estimated tokens of a prompt of ``chars`` characters, as this endpoint counts."""

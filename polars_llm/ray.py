@@ -50,7 +50,7 @@ from .errors import ConfigError, InputError, PolarsLLMError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, check_steps, load_pipeline, pipeline
 from .prompt import placeholders
 from .settings import Settings, get_settings
-from .shared import SharedStateError, use_home
+from .shared import Meeting, SharedStateError, use_home
 
 # The actor that holds the cluster's shared state: one per cluster, found by name.
 ACTOR_NAME = "polars-llm-shared"
@@ -81,6 +81,7 @@ class ClusterState:
     def __init__(self, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self._tat: dict[str, float] = {}
         self._claims: dict[str, tuple[str, float]] = {}  # key -> (owner, expiry)
+        self._learned: dict[str, tuple[int | None, int | None]] = {}  # stated rpm, tpm
         self._answers: OrderedDict[str, str] = OrderedDict()
         self._answer_bytes = 0
         self._max_answer_bytes = max_answer_bytes
@@ -114,6 +115,20 @@ class ClusterState:
         held = self._claims.get(key)
         if held is not None and held[0] == owner:
             del self._claims[key]
+
+    def _limits(self, owner: str, now: float, scope: str) -> tuple[int | None, int | None]:
+        return self._learned.get(scope, (None, None))
+
+    def _learn(self, owner: str, now: float, scope: str, rpm: int | None, tpm: int | None) -> None:
+        old = self._learned.get(scope, (None, None))
+        self._learned[scope] = (rpm or old[0], tpm or old[1])
+
+    def _claim_many(self, owner: str, now: float, keys: Sequence[str], ttl: float) -> list[bool]:
+        return [self._claim(owner, now, key, ttl) for key in keys]
+
+    def _release_many(self, owner: str, now: float, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._release(owner, now, key)
 
     def _get(self, owner: str, now: float, keys: Sequence[str]) -> list[str | None]:
         return [self._answers.get(k) for k in keys]
@@ -208,6 +223,19 @@ class RayState:
 
     async def release(self, key: str) -> None:
         await self._call("release", key)
+
+    async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        return [bool(r) for r in await self._call("claim_many", list(keys), ttl)]
+
+    async def release_many(self, keys: Sequence[str]) -> None:
+        await self._call("release_many", list(keys))
+
+    async def meet(self, scope: str) -> Meeting:
+        rpm, tpm = await self._call("limits", scope)
+        return Meeting(True, rpm, tpm)  # a cluster's workers share its budget
+
+    async def learn(self, scope: str, rpm: int | None, tpm: int | None) -> None:
+        await self._call("learn", scope, rpm, tpm)
 
     async def get_answers(self, keys: Sequence[str]) -> list[str | None]:
         if not keys:

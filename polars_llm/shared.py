@@ -39,8 +39,9 @@ import time
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlparse
 
 from .errors import ConfigError, PolarsLLMError
@@ -50,10 +51,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# Keys per SQL statement: well under SQLite's limit of host parameters.
+_SQL_CHUNK = 500
 # The file, inside the cache folder, that holds one machine's shared state.
 SQLITE_NAME = "shared-state.sqlite3"
 # Prefix of every Redis key polars-llm writes.
 REDIS_PREFIX = "polars-llm:"
+# Seconds Redis keeps the limits an endpoint stated, after they were last stated.
+LIMITS_KEPT = 7 * 24 * 3600
 
 
 class SharedStateError(PolarsLLMError):
@@ -94,6 +99,27 @@ class SharedState(Protocol):
         """Give up a claim this process holds (others may then send the request)."""
         ...
 
+    async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        """``claim`` of each key, in one round trip."""
+        ...
+
+    async def release_many(self, keys: Sequence[str]) -> None:
+        """``release`` of each key, in one round trip."""
+        ...
+
+    async def meet(self, scope: str) -> Meeting:
+        """Register this process with the home; whether others may be sending through it now,
+        and the limits of ``scope`` learned earlier (by any process, in any run).
+
+        Only a home that can tell says no others: one machine's SQLite file, whose processes it
+        knows. Homes shared by machines always say others may be there.
+        """
+        ...
+
+    async def learn(self, scope: str, rpm: int | None, tpm: int | None) -> None:
+        """Keep the limits an endpoint stated (None: not stated) for every later ``meet``."""
+        ...
+
     async def get_answers(self, keys: Sequence[str]) -> list[str | None]:
         """The stored answer (JSON text) of each key, or None."""
         ...
@@ -105,6 +131,15 @@ class SharedState(Protocol):
     async def aclose(self) -> None:
         """Release connections and threads."""
         ...
+
+
+@dataclass(frozen=True)
+class Meeting:
+    """What a home tells a process before its first request to an endpoint (``meet``)."""
+
+    others: bool
+    rpm: int | None = None
+    tpm: int | None = None
 
 
 def scope_for(base_url: str, api_key: str, model: str) -> str:
@@ -131,6 +166,7 @@ class InProcessState:
         self._clock = clock
         self._tat: dict[str, float] = {}
         self._claims: dict[str, float] = {}  # key -> expiry
+        self._limits: dict[str, tuple[int | None, int | None]] = {}
 
     async def reserve(self, scope: str, seconds: float) -> float:
         now = self._clock()
@@ -149,6 +185,22 @@ class InProcessState:
 
     async def release(self, key: str) -> None:
         self._claims.pop(key, None)
+
+    async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        expires = self._clock() + ttl
+        self._claims.update(dict.fromkeys(keys, expires))
+        return [True] * len(keys)
+
+    async def release_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._claims.pop(key, None)
+
+    async def meet(self, scope: str) -> Meeting:
+        return Meeting(False, *self._limits.get(scope, (None, None)))
+
+    async def learn(self, scope: str, rpm: int | None, tpm: int | None) -> None:
+        old = self._limits.get(scope, (None, None))
+        self._limits[scope] = (rpm or old[0], tpm or old[1])
 
     async def get_answers(self, keys: Sequence[str]) -> list[str | None]:
         return [None] * len(keys)
@@ -206,6 +258,11 @@ class SqliteState:
             db.execute("CREATE TABLE IF NOT EXISTS budget (scope TEXT PRIMARY KEY, tat REAL)")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT, expires REAL)"
+            )
+            db.execute("CREATE TABLE IF NOT EXISTS presence (owner TEXT PRIMARY KEY, since REAL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS limits (scope TEXT PRIMARY KEY, rpm INTEGER, "
+                "tpm INTEGER, learned REAL)"
             )
             self._db = db
         return self._db
@@ -269,34 +326,87 @@ class SqliteState:
         await self._run(work)
 
     async def claim(self, key: str, ttl: float) -> bool:
-        self._claims_taken += 1
-        sweep = self._claims_taken % 1000 == 0
+        return (await self.claim_many([key], ttl))[0]
 
-        def work(db: sqlite3.Connection) -> bool:
-            def take() -> bool:
+    async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        self._claims_taken += len(keys)
+        sweep = self._claims_taken >= 1000  # claims left to expire after success pile up
+        if sweep:
+            self._claims_taken = 0
+        keys = list(keys)
+
+        def work(db: sqlite3.Connection) -> list[bool]:
+            def take() -> list[bool]:
                 now = time.time()
-                if sweep:  # claims left to expire after success would pile up otherwise
+                if sweep:
                     db.execute("DELETE FROM claims WHERE expires < ?", (now,))
-                row = db.execute(
-                    "SELECT owner, expires FROM claims WHERE key = ?", (key,)
-                ).fetchone()
-                held = row is not None and row[0] != self._owner and row[1] > now
-                if held and _process_alive(row[0]):
-                    return False
-                db.execute(
+                held: dict[str, str] = {}
+                for start in range(0, len(keys), _SQL_CHUNK):
+                    chunk = keys[start : start + _SQL_CHUNK]
+                    held.update(
+                        (key, owner)
+                        for key, owner in db.execute(
+                            "SELECT key, owner FROM claims WHERE expires > ? AND owner != ? AND "
+                            f"key IN ({','.join('?' * len(chunk))})",
+                            (now, self._owner, *chunk),
+                        )
+                    )
+                alive: dict[str, bool] = {}
+                taken = [
+                    key not in held or not alive.setdefault(held[key], _process_alive(held[key]))
+                    for key in keys
+                ]
+                db.executemany(
                     "INSERT INTO claims VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
                     "owner = excluded.owner, expires = excluded.expires",
-                    (key, self._owner, now + ttl),
+                    [(k, self._owner, now + ttl) for k, ok in zip(keys, taken, strict=True) if ok],
                 )
-                return True
+                return taken
 
             return self._write(db, take)
 
         return await self._run(work)
 
     async def release(self, key: str) -> None:
+        await self.release_many([key])
+
+    async def release_many(self, keys: Sequence[str]) -> None:
+        rows = [(key, self._owner) for key in keys]
+
         def work(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self._owner))
+            db.executemany("DELETE FROM claims WHERE key = ? AND owner = ?", rows)
+
+        await self._run(work)
+
+    async def meet(self, scope: str) -> Meeting:
+        def work(db: sqlite3.Connection) -> Meeting:
+            def register() -> Meeting:
+                db.execute(
+                    "INSERT OR REPLACE INTO presence VALUES (?, ?)", (self._owner, time.time())
+                )
+                others = [
+                    owner
+                    for (owner,) in db.execute(
+                        "SELECT owner FROM presence WHERE owner != ?", (self._owner,)
+                    )
+                ]
+                gone = [(o,) for o in others if not _process_alive(o)]
+                db.executemany("DELETE FROM presence WHERE owner = ?", gone)
+                row = db.execute("SELECT rpm, tpm FROM limits WHERE scope = ?", (scope,)).fetchone()
+                return Meeting(len(gone) < len(others), *(row or (None, None)))
+
+            return self._write(db, register)
+
+        return await self._run(work)
+
+    async def learn(self, scope: str, rpm: int | None, tpm: int | None) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO limits VALUES (?, ?, ?, ?) ON CONFLICT(scope) DO UPDATE SET "
+                "rpm = coalesce(excluded.rpm, rpm), tpm = coalesce(excluded.tpm, tpm), "
+                "learned = excluded.learned",
+                (scope, rpm, tpm, time.time()),
+            )
 
         await self._run(work)
 
@@ -441,6 +551,39 @@ class RedisState:
     async def release(self, key: str) -> None:
         await self._script("release", f"{REDIS_PREFIX}claim:{key}", self._owner)
 
+    async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        return [bool(r) for r in await self._pipelined("claim", keys, max(1, int(ttl * 1000)))]
+
+    async def release_many(self, keys: Sequence[str]) -> None:
+        await self._pipelined("release", keys)
+
+    async def _pipelined(self, name: str, keys: Sequence[str], *args: object) -> list[Any]:
+        """One script per key, in one round trip."""
+        client = self._redis()
+        script = self._scripts[name]
+        pipe = client.pipeline(transaction=False)
+        for key in keys:  # queued on the pipeline, sent by execute()
+            await script(
+                keys=[f"{REDIS_PREFIX}claim:{key}"], args=[self._owner, *args], client=pipe
+            )
+        return list(await self._guard(pipe.execute()))
+
+    async def meet(self, scope: str) -> Meeting:
+        # Machines cannot see each other's processes: others may always be there.
+        client = self._redis()
+        rpm, tpm = await self._guard(client.hmget(f"{REDIS_PREFIX}limits:{scope}", "rpm", "tpm"))
+        return Meeting(True, _count(rpm), _count(tpm))
+
+    async def learn(self, scope: str, rpm: int | None, tpm: int | None) -> None:
+        stated = {k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v}
+        if stated:
+            client = self._redis()
+            name = f"{REDIS_PREFIX}limits:{scope}"
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(name, mapping=stated)
+            pipe.expire(name, LIMITS_KEPT)
+            await self._guard(pipe.execute())
+
     async def get_answers(self, keys: Sequence[str]) -> list[str | None]:
         if not keys:
             return []
@@ -456,6 +599,13 @@ class RedisState:
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
+
+
+def _count(text: str | None) -> int | None:
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
 
 
 _broken: set[int] = set()
@@ -552,6 +702,155 @@ class Lease:
             while True:
                 await asyncio.sleep(CLAIM_RENEW)
                 await self.home.claim(self.key, CLAIM_TTL)
+
+
+class ClaimGate(Generic[T]):
+    """The claims of one batch, taken, renewed and released in bulk.
+
+    Every request about to be paid asks ``enter(key)``. Keys are asked in groups: all the keys
+    asked in one turn of the event loop or while the previous round trip is under way, and,
+    once the batch has told its keys in order (``plan``), a window of the keys coming next. Each
+    group costs the home one look for answers other processes stored (``find_many``) and one
+    ``claim_many`` of the rest, so a busy run pays a round trip per window of requests, not
+    several per request. Claims held are renewed together every CLAIM_RENEW seconds; ``leave``
+    ends one (an answered claim is left to expire, so a process polling for it finds the answer
+    rather than a free claim it would pay for), and ``close`` releases those never used.
+    """
+
+    def __init__(
+        self,
+        home: SharedState,
+        find_many: Callable[[list[str]], Awaitable[list[T | None]]],
+        window: int = 64,
+    ) -> None:
+        self.home = home
+        self._find_many = find_many
+        self._window = max(1, window)
+        self._asked: dict[str, asyncio.Future[tuple[str, T | None]]] = {}
+        self._asking: list[tuple[str, asyncio.Future[tuple[str, T | None]]]] = []
+        self._plan: list[str] = []
+        self._cursor = 0
+        self._held: set[str] = set()
+        self._releasing: list[str] = []
+        self._tasks: dict[str, asyncio.Task[None] | None] = dict.fromkeys(
+            ("ask", "renew", "release")
+        )
+
+    def plan(self, keys: Sequence[str]) -> None:
+        """The keys the batch will enter, in order: claims are then taken a window ahead."""
+        self._plan, self._cursor = list(keys), 0
+
+    async def enter(self, key: str) -> tuple[str, T | None]:
+        """``("found", answer)``, ``("claimed", None)`` (send it, then ``leave``), or
+        ``("held", None)``: another process holds the claim (wait with ``claim_or_find``)."""
+        future = self._asked.pop(key, None)
+        if future is None:
+            future = self._ask(key)
+            self._asked.pop(key)
+        self._ask_ahead()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and future.result()[0] == "claimed":
+                self.leave(key, answered=False)  # claimed for us just as we were cancelled
+            raise
+
+    def hold(self, key: str) -> None:
+        """Keep renewing a claim taken outside the gate (by ``claim_or_find``)."""
+        self._held.add(key)
+        self._start("renew", self._renew)
+
+    def leave(self, key: str, answered: bool) -> None:
+        """The request of a claimed key is over; release the claim unless it was answered."""
+        self._held.discard(key)
+        if not answered:
+            self._releasing.append(key)
+            self._start("release", self._release)
+
+    def close(self) -> None:
+        """The batch is over: release the claims taken ahead for keys it never entered."""
+        asked, self._asked, self._plan = self._asked, {}, []
+        for key, future in asked.items():
+            if future.cancel():
+                continue  # not answered yet: released when it is (see _answer)
+            if (
+                not future.cancelled()
+                and future.exception() is None
+                and future.result()[0] == "claimed"
+            ):
+                self.leave(key, answered=False)
+
+    def _ask(self, key: str) -> asyncio.Future[tuple[str, T | None]]:
+        future: asyncio.Future[tuple[str, T | None]] = asyncio.get_running_loop().create_future()
+        self._asked[key] = future
+        self._asking.append((key, future))
+        self._start("ask", self._answer)
+        return future
+
+    def _ask_ahead(self) -> None:
+        # Keep between half a window and a window of planned keys asked before they are needed.
+        if len(self._asked) > self._window // 2 or self._cursor >= len(self._plan):
+            return
+        plan, asked = self._plan, self._asked
+        while len(asked) < self._window and self._cursor < len(plan):
+            key = plan[self._cursor]
+            self._cursor += 1
+            if key not in asked:
+                self._ask(key)
+
+    def _start(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        if self._tasks[name] is None:
+            self._tasks[name] = asyncio.ensure_future(self._run(name, work))
+
+    async def _run(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await work()
+        finally:
+            self._tasks[name] = None
+
+    async def _answer(self) -> None:
+        await asyncio.sleep(0)  # the keys asked in this turn of the loop go together
+        while self._asking:
+            group, self._asking = self._asking, []
+            keys = [key for key, _ in group]
+            try:
+                found = await self._find_many(keys)
+                missing = [key for key, hit in zip(keys, found, strict=True) if hit is None]
+                taken = await self.home.claim_many(missing, CLAIM_TTL) if missing else []
+            except Exception as e:
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(e)
+                        # Retrieved here: a key asked ahead may never be entered.
+                        future.exception()
+                continue
+            claimed = dict(zip(missing, taken, strict=True))
+            for (key, future), hit in zip(group, found, strict=True):
+                if hit is not None:
+                    answer: tuple[str, T | None] = ("found", hit)
+                elif claimed[key]:
+                    answer = ("claimed", None)
+                    if future.cancelled():  # nobody will send it: let others have it
+                        self.leave(key, answered=False)
+                        continue
+                    self.hold(key)
+                else:
+                    answer = ("held", None)
+                if not future.done():
+                    future.set_result(answer)
+
+    async def _renew(self) -> None:
+        with contextlib.suppress(SharedStateError):  # the claims then expire; others take over
+            while self._held:
+                await asyncio.sleep(CLAIM_RENEW)
+                if self._held:
+                    await self.home.claim_many(list(self._held), CLAIM_TTL)
+
+    async def _release(self) -> None:
+        while self._releasing:
+            keys, self._releasing = self._releasing, []
+            with contextlib.suppress(SharedStateError):  # then they expire by themselves
+                await self.home.release_many(keys)
 
 
 # --------------------------------------------------------------------------------------------

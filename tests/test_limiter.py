@@ -17,7 +17,7 @@ import pytest
 
 from polars_llm import limiter as limiter_module
 from polars_llm.limiter import CATCH_UP, RATE_SHARE, Limiter, parse_duration
-from polars_llm.shared import InProcessState, RedisState
+from polars_llm.shared import InProcessState, Meeting, RedisState
 
 T = TypeVar("T")
 _real_sleep = asyncio.sleep
@@ -696,12 +696,20 @@ def test_new_settings_keep_what_the_endpoint_taught(clock: VirtualClock) -> None
     assert waited == pytest.approx(spacing(600), rel=0.01)
 
 
+class Crowded(InProcessState):
+    """A home through which other processes send too (as a SQLite file's may)."""
+
+    async def meet(self, scope: str) -> Meeting:
+        return Meeting(True)
+
+
 def test_probe_sends_one_request_until_the_endpoint_answers(clock: VirtualClock) -> None:
-    """With probe and no limit configured, a second request waits for the first answer, whose
-    headers then space the rest; with a limit configured nothing waits for an answer."""
+    """With probe, no limit configured and other processes sharing the home, a second request
+    waits for the first answer, whose headers then space the rest; with a limit configured
+    nothing waits for an answer."""
 
     async def main() -> tuple[bool, bool, int]:
-        limiter = Limiter(8, clock=clock, probe=True)
+        limiter = Limiter(8, clock=clock, probe=True, shared=Crowded(clock))
         await limiter.acquire()
         second = asyncio.create_task(limiter.acquire())
         await settle()
@@ -709,9 +717,41 @@ def test_probe_sends_one_request_until_the_endpoint_answers(clock: VirtualClock)
         limiter.observe({"x-ratelimit-limit-requests": "600"}, 10, 3)
         limiter.release()
         await settle()
-        told = Limiter(8, rpm=600, clock=clock, probe=True)
+        told = Limiter(8, rpm=600, clock=clock, probe=True, shared=Crowded(clock))
+        await told.acquire()
         return held, second.done(), told.limit
 
     held, admitted, told_limit = run(main)
     assert held and admitted
     assert told_limit == 8
+
+
+def test_a_process_alone_sends_at_once_without_a_probe(clock: VirtualClock) -> None:
+    """Alone on its home, a limiter with probe lets the whole concurrency go at once: a bad key
+    stops everything at its first answer anyway, and no other process bursts beside it."""
+
+    async def main() -> int:
+        limiter = Limiter(8, clock=clock, probe=True)
+        tasks = [asyncio.create_task(limiter.acquire()) for _ in range(8)]
+        await settle()
+        return sum(task.done() for task in tasks)
+
+    assert run(main) == 8
+
+
+def test_a_burst_sent_before_the_limit_was_known_is_charged_to_the_shared_timeline(
+    clock: VirtualClock,
+) -> None:
+    """Requests sent with no limit known, then a limit learned from headers: the shared
+    timeline is pushed past them, so another process's budget starts after the burst."""
+
+    async def main() -> float:
+        home = InProcessState(clock)
+        limiter = Limiter(8, clock=clock, shared=home, scope="s")
+        await acquire_many(limiter, 5)
+        limiter.observe({"x-ratelimit-limit-requests": "600"}, 10, 3)
+        await settle()
+        return await home.reserve("s", 0.0)
+
+    held = run(main)
+    assert held == pytest.approx(5 * 60 / (600 * RATE_SHARE), rel=0.01)

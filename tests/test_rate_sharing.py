@@ -197,7 +197,12 @@ def test_after_a_kill_the_others_take_the_whole_budget_and_a_rerun_pays_only_the
         if 2.0 <= t2 - t1 <= 2.5
     ]
     assert max(rates) >= 0.8 * limit_per_s
-    assert after.status_counts.get(429, 0) < 0.01 * after.calls
+    # The first process to meet the endpoint sent its whole concurrency (32) at once, before any
+    # answer stated the limit, and each of the two others one request to learn it: the excess of
+    # those over one second's limit is the only 429s there are. Once stated, the limit is kept
+    # beside the cache: the rerun spaces its requests from the first one.
+    assert before_rerun.status_counts.get(429, 0) <= 32 + 2 - limit_per_s
+    assert after.status_counts.get(429, 0) == before_rerun.status_counts.get(429, 0)
     # The rerun paid for the victim's own prompts that had not been paid for, and for those
     # paid for whose answers died with it: at most what it had in flight.
     rerun_paid = sum(after.paid.values()) - sum(before_rerun.paid.values())

@@ -27,6 +27,7 @@ from polars_llm.settings import Settings
 from polars_llm.shared import (
     InProcessState,
     Lease,
+    Meeting,
     RedisState,
     SharedState,
     SharedStateError,
@@ -235,6 +236,65 @@ def test_a_claim_expires(make_home: Callable[[], SharedState]) -> None:
         return taken_back
 
     assert run(main) is False
+
+
+def test_claims_in_bulk_are_claims_one_by_one(make_home: Callable[[], SharedState]) -> None:
+    """``claim_many`` and ``release_many`` do what ``claim`` and ``release`` do for each key."""
+
+    async def main() -> list[list[bool]]:
+        a, b = make_home(), make_home()
+        results = [
+            await a.claim_many(["k1", "k2"], 60.0),
+            await b.claim_many(["k1", "k2", "k3"], 60.0),
+            await a.claim_many(["k1", "k3"], 60.0),  # a renews k1; k3 is b's
+        ]
+        await a.release_many(["k1", "k3"])  # k3 is not a's: nothing happens to it
+        results.append(await b.claim_many(["k1", "k3"], 60.0))
+        await closing(a, b)
+        return results
+
+    assert run(main) == [[True, True], [False, False, True], [True, False], [True, True]]
+
+
+def test_a_home_tells_who_else_is_there_and_the_limits_stated(
+    make_home: Callable[[], SharedState],
+) -> None:
+    """The first process to meet a SQLite home is alone there (Redis cannot tell, so others may
+    always be there); limits one process learned are told to the next."""
+
+    async def main() -> tuple[Meeting, Meeting]:
+        a, b = make_home(), make_home()
+        first = await a.meet("scope")
+        await a.learn("scope", 1200, None)
+        await a.learn("scope", None, 90_000)
+        second = await b.meet("scope")
+        await closing(a, b)
+        return first, second
+
+    first, second = run(main)
+    assert first.rpm is None and first.tpm is None
+    assert first.others is isinstance(make_home(), RedisState)
+    assert second == Meeting(True, 1200, 90_000)
+
+
+def test_a_process_that_has_gone_is_not_there(tmp_path: Path) -> None:
+    """A process that met the SQLite home and exited does not count as another one there."""
+    path = tmp_path / "shared.sqlite3"
+    script = (
+        "import asyncio; from polars_llm.shared import SqliteState; "
+        f"print(asyncio.run(SqliteState({str(path)!r}).meet('s')).others)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+    async def meet() -> Meeting:
+        home = SqliteState(path)
+        met = await home.meet("s")
+        await home.aclose()
+        return met
+
+    assert run(meet).others is False
 
 
 def test_claim_of_a_killed_process_is_free_at_once(tmp_path: Path) -> None:
