@@ -68,21 +68,39 @@ class _StrictDisk(diskcache.Disk):
         return super().fetch(mode, filename, value, read)
 
 
-# Keys per bulk read: well under SQLite's limit of host parameters per statement.
-_CHUNK = 500
+# Keys per bulk read, passed as one JSON array: the keys are looked up one by one in the index
+# (the CROSS JOIN keeps json_each the outer loop, so a large cache is never scanned).
+_READ_CHUNK = 20_000
+# Each row: the key's place in the array, and its text when stored inline (else NULL).
+_SELECT = (
+    f"SELECT j.key, CASE WHEN c.mode = {diskcache.core.MODE_RAW} AND typeof(c.value) = 'text' "
+    "THEN c.value END FROM json_each(?1) AS j CROSS JOIN Cache AS c "
+    "ON c.key = j.value AND c.raw = 1 WHERE c.expire_time IS NULL OR c.expire_time > ?2"
+)
 # How long the writer gathers answers before writing them in one transaction. A commit per answer
 # costs several times the insert itself, and waking the writer for each answer costs the event
 # loop too; lookups see answers not yet written (the pending overlay), so only a crash in these
 # few milliseconds could lose what they hold.
 _GATHER = 0.005
+# A busy run (at least _BUSY answers per _GATHER) gathers on, up to _GATHER_BUSY seconds: SQLite
+# costs a fraction per answer in large transactions of what it costs in small ones, and that
+# CPU is taken from the event loop's. Only that many seconds of answers are at risk in a crash.
+_BUSY = 16
+_GATHER_BUSY = 0.05
 # One row of diskcache's table for a text stored inline (what ``Cache.set`` writes for it), or
 # the same columns updated when the key is there already.
 _UPSERT = (
     "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag, size, "
-    "mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, 0, ?, NULL, ?) "
+    "mode, filename, value) SELECT json_extract(e.value, '$[0]'), 1, ?1, NULL, ?1, 0, NULL, 0, ?2, NULL, "
+    "json_extract(e.value, '$[1]') FROM json_each(?3) AS e WHERE true "
     "ON CONFLICT(key, raw) DO UPDATE SET store_time = excluded.store_time, expire_time = NULL, "
     "access_time = excluded.access_time, access_count = 0, tag = NULL, size = 0, "
     "mode = excluded.mode, filename = NULL, value = excluded.value"
+)
+# The value files of entries about to be replaced (huge answers are kept in files).
+_REPLACED = (
+    "SELECT filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL AND key IN "
+    "(SELECT value FROM json_each(?))"
 )
 _STOP = object()
 _FLUSH = object()
@@ -142,12 +160,18 @@ class ResultCache:
     def get_many(self, keys: list[str]) -> list[dict[str, Any] | None]:
         """The cached result of each key, or None.
 
-        Answers put but not yet on disk come first. The rest are read in chunks of several
-        hundred keys per SQL query on diskcache's own connection, about four times faster than
-        one ``get`` per key: a fully cached column of a million rows is read in seconds. Only
-        entries stored inline as text are taken this way; any other entry (stored in a file,
-        say) goes through diskcache's ``get`` and ``_StrictDisk``. An entry that is not a JSON
-        object is a miss, told once as a ``CacheWarning``.
+        An entry that is not a JSON object is a miss, told once as a ``CacheWarning``.
+        """
+        return [self._decode(text) for text in self.get_raw_many(keys)]
+
+    def get_raw_many(self, keys: list[str]) -> list[str | None]:
+        """The JSON text cached for each key, or None; not decoded (``decode`` does that).
+
+        Answers put but not yet on disk come first. The rest are read thousands of keys per SQL
+        statement on diskcache's own connection (the keys go in as one JSON array), far faster
+        than one ``get`` per key: a fully cached column of a million rows is read in a fraction
+        of a second. Only entries stored inline as text are taken this way; any other entry
+        (stored in a file, say) goes through diskcache's ``get`` and ``_StrictDisk``.
         """
         found: dict[str, str] = {}
         with self._pending_lock:
@@ -166,7 +190,11 @@ class ResultCache:
                     f"cannot read the cache at {self.directory} ({e}); its answers are treated "
                     f"as missing. {_REMEDY.format(folder=self.directory)}",
                 )
-        return [self._decode(found.get(k)) for k in keys]
+        return [found.get(k) for k in keys]
+
+    def decode(self, text: str | None) -> dict[str, Any] | None:
+        """The entry of a JSON text from ``get_raw_many``, or None (a miss)."""
+        return self._decode(text)
 
     def _read(self, keys: list[str], found: dict[str, str]) -> None:
         cache = self._cache
@@ -174,18 +202,13 @@ class ResultCache:
         slow: list[str] = []
         sql = cache._sql  # diskcache's per-thread connection: the documented schema below
         now = time.time()
-        for start in range(0, len(keys), _CHUNK):
-            chunk = keys[start : start + _CHUNK]
-            rows = sql(
-                "SELECT key, mode, value FROM Cache WHERE raw = 1 AND key IN "
-                f"({','.join('?' * len(chunk))}) AND (expire_time IS NULL OR expire_time > ?)",
-                (*chunk, now),
-            ).fetchall()
-            for key, mode, value in rows:
-                if mode == diskcache.core.MODE_RAW and isinstance(value, str):
-                    found[key] = value
+        for start in range(0, len(keys), _READ_CHUNK):
+            chunk = keys[start : start + _READ_CHUNK]
+            for i, value in sql(_SELECT, (orjson.dumps(chunk).decode(), now)):
+                if value is not None:
+                    found[chunk[i]] = value
                 else:
-                    slow.append(key)
+                    slow.append(chunk[i])
         for key in slow:
             try:
                 value = cache.get(key)
@@ -284,13 +307,20 @@ class ResultCache:
     def _write_loop(self) -> None:
         while True:
             items = [self._queue.get()]
-            if isinstance(items[0], tuple) and items[0][0] is not _FLUSH:
+            urgent = not _is_entry(items[0])  # a flush or a stop waits for nothing
+            waited = 0.0
+            while not urgent and waited < _GATHER_BUSY:
                 time.sleep(_GATHER)  # let a busy run's answers gather (see _GATHER)
-            # Drain what else is waiting, so a busy run writes many results per transaction.
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
+                waited += _GATHER
+                # Drain what else is waiting, so a busy run writes many results per transaction.
+                before = len(items)
+                while True:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                urgent = not all(_is_entry(i) for i in items[before:])
+                if len(items) - before < _BUSY:
                     break
             entries = [i for i in items if isinstance(i, tuple) and i[0] is not _FLUSH]
             if entries:
@@ -533,7 +563,17 @@ def remove_cache_files(folder: Path) -> None:
             shutil.rmtree(entry)
 
 
+def _is_entry(item: Any) -> bool:
+    """Whether a writer queue item is an answer to write (not a flush or a stop)."""
+    return isinstance(item, tuple) and item[0] is not _FLUSH
+
+
 def _dumps(value: dict[str, Any]) -> str:
+    if "vector" not in value:  # orjson would write a NaN in a vector as null
+        try:
+            return orjson.dumps(value).decode()  # a fraction of json's time, the same text
+        except TypeError:
+            pass  # a lone surrogate: json writes it, and the write reports it (see _write)
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -616,20 +656,13 @@ def _set_many(cache: diskcache.Cache, entries: list[tuple[str, str, object]]) ->
     for key, text, _ in entries:
         if len(text) >= limit:
             cache.set(key, text)
-    replaced: list[str] = []
+    # One statement each for the whole group, its rows passed as one JSON array: SQLite does
+    # the per-row work in C, and this thread hands the GIL back to the event loop once per
+    # statement rather than once per row.
     keys = [k for k, _ in inline]
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
-        replaced += [
-            name
-            for (name,) in cache._sql(
-                "SELECT filename FROM Cache WHERE raw = 1 AND filename IS NOT NULL AND key IN "
-                f"({','.join('?' * len(chunk))})",
-                chunk,
-            )
-        ]
-    now = time.time()
-    cache._con.executemany(_UPSERT, [(k, now, now, diskcache.core.MODE_RAW, t) for k, t in inline])
+    replaced = [name for (name,) in cache._sql(_REPLACED, (orjson.dumps(keys).decode(),))]
+    rows = orjson.dumps(inline).decode()
+    cache._con.execute(_UPSERT, (time.time(), diskcache.core.MODE_RAW, rows))
     return replaced
 
 

@@ -51,8 +51,8 @@ from .progress import Display, Progress
 from .request import RequestTemplate
 from .settings import Settings
 from .shared import (
+    ClaimGate,
     InProcessState,
-    Lease,
     SharedState,
     SharedStateError,
     claim_or_find,
@@ -65,6 +65,9 @@ from .transport import Completion, Embeddings
 IDLE_CLOSE = 300.0
 # Repair rounds for an answer that does not parse (a label outside the set, bad JSON).
 MAX_REPAIRS = 2
+# A chat answer as the cache holds it, and how every entry polars-llm writes begins.
+_ENTRY = pl.Struct({"text": pl.String(), "usage": pl.List(pl.Int64()), "finish": pl.String()})
+_ENTRY_START = '{"text":"'
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +94,7 @@ class CallSpec:
         return base.replace(**self.overrides) if self.overrides else base
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """The result of one unique request: a value, or the error that says why there is none."""
 
@@ -271,6 +274,7 @@ class Batch:
         # over Redis, answers) through this home; a process alone has nobody to share with.
         home = None if target.local else open_shared(settings)
         self.home: SharedState | None = None if isinstance(home, InProcessState) else home
+        self._gate: ClaimGate[Outcome] | None = None
 
     def connect(self) -> None:
         """Start the embedded model if this batch needs it (caller's thread: it may take seconds)."""
@@ -282,10 +286,63 @@ class Batch:
     # -- the caller's side ---------------------------------------------------------------------
     def lookup(self, texts: Sequence[str]) -> tuple[list[str], list[Outcome | None]]:
         """Keys of the texts and what the cache holds for each."""
+        keys, raws = self.lookup_raw(texts)
+        return keys, self.decode_raws(raws)
+
+    def lookup_raw(self, texts: Sequence[str]) -> tuple[list[str], list[str | None]]:
+        """Keys of the texts and the cache's JSON text for each (None: not cached)."""
         keys = self.template.keys(texts)
         if self.cache is None:
             return keys, [None] * len(keys)
-        return keys, [self.decode(hit) for hit in self.cache.get_many(keys)]
+        return keys, self.cache.get_raw_many(keys)
+
+    def decode_raws(self, raws: Sequence[str | None]) -> list[Outcome | None]:
+        """The outcome of each cached JSON text, entry by entry."""
+        cache = self.cache
+        if cache is None:
+            return [None] * len(raws)
+        return [None if raw is None else self.decode(cache.decode(raw)) for raw in raws]
+
+    def decode_columns(self, raws: Sequence[str | None]) -> pl.DataFrame | None:
+        """The cached answers as columns, decoded by Polars rather than entry by entry.
+
+        Columns: ``hit``, ``value``, ``prompt_tokens``, ``completion_tokens``, ``finish_reason``.
+        Only plain-text chat answers are read this way; entries not of the shape polars-llm
+        writes (``{"text":"...``) are left to ``decode_raws`` (``hit`` is false for them, as for
+        a miss). None when the other kinds of answers need the entry-by-entry way, or when an
+        entry of that shape is not valid JSON after all.
+        """
+        if self.kind != "chat" or type(self.spec.post) is not TextPost:
+            return None
+        raw = pl.Series("raw", raws, dtype=pl.String)
+        shaped = raw.str.starts_with(_ENTRY_START).fill_null(False)
+        try:
+            entry = (
+                pl.select(pl.when(shaped).then(raw))
+                .to_series()
+                .str.json_decode(_ENTRY)
+                .struct.unnest()
+            )
+        except pl.exceptions.PolarsError:
+            return None
+        text, usage, finish = entry["text"], entry["usage"], entry["finish"]
+        hit = shaped & text.is_not_null()
+        if self.settings.truncated_is_error:
+            hit &= finish.ne_missing("length")
+
+        def tokens(i: int) -> pl.Series:
+            count = usage.list.get(i, null_on_oob=True)
+            return count.fill_null(0).clip(lower_bound=0)
+
+        return pl.DataFrame(
+            {
+                "hit": hit,
+                "value": text,
+                "prompt_tokens": tokens(0),
+                "completion_tokens": tokens(1),
+                "finish_reason": finish,
+            }
+        )
 
     def decode(self, hit: Any) -> Outcome | None:
         """The outcome a cache entry stands for, or None for a miss or an unusable entry."""
@@ -358,7 +415,14 @@ class Batch:
             for i in indices:
                 results[i] = await self.complete_async(keys[i], texts[i])
 
-        await gather_all(worker() for _ in range(min(len(texts), self.width())))
+        gate = self._claims()
+        if gate is not None:
+            gate.plan(keys)
+        try:
+            await gather_all(worker() for _ in range(min(len(texts), self.width())))
+        finally:
+            if gate is not None:
+                gate.close()
         return results
 
     async def complete_async(self, key: str, text: str) -> Outcome:
@@ -414,39 +478,67 @@ class Batch:
     async def _call(self, key: str, text: str) -> Outcome:
         """One chat request, paid for by one process of all those sharing this endpoint: an
         answer another process stored or is about to store is taken instead of paying again."""
-        home = self.home
-        if home is None:
+        gate = self._claims()
+        if gate is None:
             return await self._send(key, text)
+        home = gate.home
         try:
-            found = await self._find(key)
-            if found is None:
+            state, found = await gate.enter(key)
+            if state == "held":  # another process is paying for it: wait for its answer
                 found = await claim_or_find(home, key, functools.partial(self._find, key))
+                if found is None:
+                    gate.hold(key)
         except SharedStateError as e:
             self._go_alone(e)
             return await self._send(key, text)
         if found is not None:
             return found
-        async with Lease(home, key) as lease:
+        answered = False
+        try:
             outcome = await self._send(key, text)
-            # Stored where others look by now (see _send): let the claim expire rather than
-            # free it, so a process polling for it finds the answer.
-            lease.answered = outcome.error is None
+            # Stored where others look by now (see _send): the claim is left to expire.
+            answered = outcome.error is None
+        finally:
+            gate.leave(key, answered)
         return outcome
+
+    def _claims(self) -> ClaimGate[Outcome] | None:
+        """The gate of this batch's claims in the shared home, or None when there is no home."""
+        home = self.home
+        if home is None:
+            return None
+        if self._gate is None or self._gate.home is not home:
+            self._gate = ClaimGate(home, self._find_many, window=2 * self.width())
+        return self._gate
 
     async def _find(self, key: str) -> Outcome | None:
         """An answer another process stored: in the local cache, then in the shared tier."""
-        outcome = await self.lookup_async(key)
-        if outcome is None and self.home is not None and self.home.holds_answers:
-            text = (await self.home.get_answers([key]))[0]
-            if text is not None:
-                try:
-                    entry = json.loads(text)
-                except ValueError:
-                    return None  # a damaged shared entry is a miss
-                outcome = self.decode(entry)
-                if outcome is not None and self.cache is not None:
-                    self.cache.put(key, entry, self)
-        return outcome
+        return (await self._find_many([key]))[0]
+
+    async def _find_many(self, keys: list[str]) -> list[Outcome | None]:
+        """``_find`` of many keys: one cache read and one look in the shared tier for them all."""
+        found: list[Outcome | None] = [None] * len(keys)
+        if self.cache is not None:
+            hits = await asyncio.get_running_loop().run_in_executor(
+                engine_loop().cache_reads, self.cache.get_many, keys
+            )
+            found = [self.decode(hit) for hit in hits]
+        home = self.home
+        missing = [i for i, outcome in enumerate(found) if outcome is None]
+        if home is None or not home.holds_answers or not missing:
+            return found
+        texts = await home.get_answers([keys[i] for i in missing])
+        for i, text in zip(missing, texts, strict=True):
+            if text is None:
+                continue
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                continue  # a damaged shared entry is a miss
+            outcome = found[i] = self.decode(entry)
+            if outcome is not None and self.cache is not None:
+                self.cache.put(keys[i], entry, self)
+        return found
 
     async def _share(self, key: str, entry: dict[str, Any]) -> None:
         """Over Redis, put an answer in the tier every machine reads (before its claim ends)."""
@@ -680,13 +772,34 @@ def _map_unique(
 ) -> pl.Series:
     """Dedup, split cache hits from misses, send the misses, scatter back to row order."""
     name = column.name
-    unique = column.drop_nulls().unique()
-    if unique.len() == 0:
+    # One hash pass: each distinct prompt and the rows that hold it.
+    groups = (
+        column.rename("__key")
+        .to_frame()
+        .with_row_index("__row")
+        .group_by("__key")
+        .agg("__row")
+        .filter(pl.col("__key").is_not_null())
+    )
+    if groups.height == 0:
         return pl.Series(name, [None] * column.len(), dtype=output_dtype(spec))
-    texts: list[str] = unique.to_list()
+    texts: list[str] = groups.get_column("__key").to_list()
     batch = Batch(spec, kind)
-    keys, found = batch.lookup(texts)
-    misses = [i for i, o in enumerate(found) if o is None]
+    keys, raws = batch.lookup_raw(texts)
+    # Cached plain-text answers are decoded as columns; anything else entry by entry.
+    table = batch.decode_columns(raws)
+    if table is None:
+        found = batch.decode_raws(raws)
+    else:
+        hits = table.get_column("hit").to_list()
+        found = [
+            None if hit or raw is None else batch.decode_raws([raw])[0]
+            for hit, raw in zip(hits, raws, strict=True)
+        ]
+    # What is not in the table: cached entries of another shape, then the answers sent.
+    known = {i: o for i, o in enumerate(found) if o is not None}
+    misses = [i for i, o in enumerate(found) if o is None and (table is None or not hits[i])]
+    sent: list[Outcome] = []
     if misses:
         miss_texts = [texts[i] for i in misses]
         miss_keys = [keys[i] for i in misses]
@@ -698,30 +811,59 @@ def _map_unique(
             )
         else:
             sent = batch.run(send(batch, miss_texts, miss_keys), len(misses))
-        for i, outcome in zip(misses, sent, strict=True):
-            found[i] = outcome
-    outcomes: list[Outcome] = found  # type: ignore[assignment]
-    _report_failures(outcomes, batch.settings, spec.details)
-    columns: dict[str, pl.Series] = {
-        "__key": unique,
-        "value": pl.Series([o.value for o in outcomes], dtype=spec.post.dtype),
+        known.update(zip(misses, sent, strict=True))
+    _report_failures(
+        [o.error for o in sent if o.error is not None], len(texts), batch.settings, spec.details
+    )
+    results = pl.DataFrame(_columns(table, known, len(texts), spec))
+    result = (
+        results.select(pl.struct(pl.all())).to_series()
+        if spec.details
+        else results.get_column("value")
+    )
+    # Back to row order: each row takes its prompt's result; a null prompt's row stays null.
+    rows = groups.get_column("__row")
+    prompt_of_row = pl.repeat(None, column.len(), dtype=pl.UInt32, eager=True).scatter(
+        rows.explode(),
+        pl.int_range(rows.len(), dtype=pl.UInt32, eager=True).repeat_by(rows.list.len()).explode(),
+    )
+    return result.gather(prompt_of_row).alias(name)
+
+
+def _columns(
+    table: pl.DataFrame | None, known: dict[int, Outcome], size: int, spec: CallSpec
+) -> dict[str, pl.Series]:
+    """The result columns of the unique prompts: the decoded table with ``known`` outcomes put
+    in their places (or, without a table, the outcomes alone)."""
+    fields: dict[str, tuple[pl.DataType, Callable[[Outcome], Any]]] = {
+        "value": (spec.post.dtype, lambda o: o.value),
     }
     if spec.details:
-        columns["error"] = pl.Series([_error_text(o.error) for o in outcomes], dtype=pl.String)
-        columns["cached"] = pl.Series([o.cached for o in outcomes], dtype=pl.Boolean)
-        columns["prompt_tokens"] = pl.Series([o.prompt_tokens for o in outcomes], dtype=pl.Int64)
-        columns["completion_tokens"] = pl.Series(
-            [o.completion_tokens for o in outcomes], dtype=pl.Int64
+        fields.update(
+            {
+                "error": (pl.String(), lambda o: _error_text(o.error)),
+                "cached": (pl.Boolean(), lambda o: o.cached),
+                "prompt_tokens": (pl.Int64(), lambda o: o.prompt_tokens),
+                "completion_tokens": (pl.Int64(), lambda o: o.completion_tokens),
+                "finish_reason": (pl.String(), lambda o: o.finish_reason),
+            }
         )
-        columns["finish_reason"] = pl.Series([o.finish_reason for o in outcomes], dtype=pl.String)
-    joined = (
-        column.rename("__key")
-        .to_frame()
-        .join(pl.DataFrame(columns), on="__key", how="left", maintain_order="left")
-    )
-    if spec.details:
-        return joined.select(pl.struct(pl.exclude("__key")).alias(name)).to_series()
-    return joined.get_column("value").alias(name)
+    # Without a table every place is known; else the table's places are patched.
+    places = list(range(size)) if table is None else list(known)
+    columns: dict[str, pl.Series] = {}
+    for field_name, (dtype, of) in fields.items():
+        values = pl.Series([of(known[i]) for i in places], dtype=dtype)
+        if table is None:
+            columns[field_name] = values
+            continue
+        if field_name == "error":
+            base = pl.Series([None] * size, dtype=dtype)
+        elif field_name == "cached":
+            base = pl.Series([True] * size, dtype=dtype)
+        else:
+            base = table.get_column(field_name).cast(dtype)
+        columns[field_name] = base.scatter(places, values) if places else base
+    return columns
 
 
 def _error_text(error: RowError | None) -> str | None:
@@ -733,14 +875,12 @@ def _error_text(error: RowError | None) -> str | None:
     return text
 
 
-def _report_failures(outcomes: list[Outcome], settings: Settings, details: bool) -> None:
-    failed = [o.error for o in outcomes if o.error is not None]
+def _report_failures(failed: list[RowError], total: int, settings: Settings, details: bool) -> None:
     if not failed:
         return
     first = failed[0]
     summary = (
-        f"{len(failed)} of {len(outcomes)} unique prompt(s) failed; first: "
-        f"{first.reason}: {first.message}"
+        f"{len(failed)} of {total} unique prompt(s) failed; first: {first.reason}: {first.message}"
     )
     if settings.on_error == "raise":
         raise TooManyFailures(
@@ -748,7 +888,7 @@ def _report_failures(outcomes: list[Outcome], settings: Settings, details: bool)
             "prompts. Pass on_error='null' (with details=True to keep each row's error) to "
             "get nulls instead.",
             failed=len(failed),
-            total=len(outcomes),
+            total=total,
         ) from first
     if not details:
         warnings.warn(

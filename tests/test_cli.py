@@ -236,8 +236,8 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         stats = server.stats()
     assert_frame_equal(pl.read_parquet(out), pl.read_parquet(reference))
     # Paid again: what was in flight at the kill, and the answers the cache writer was still
-    # gathering (it writes every few milliseconds, see cache._GATHER): a round of the
-    # concurrency each at most.
+    # gathering (it writes every few milliseconds; a busy run's every 50 at most, see
+    # cache._GATHER): a round of the concurrency each at most at this rate.
     assert stats.calls <= unique + 2 * concurrency
     assert sum(n - 1 for n in stats.prompts.values()) <= 2 * concurrency
     assert stats.calls - killed_calls < unique  # the rerun did not start over

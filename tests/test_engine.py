@@ -8,13 +8,16 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
+import diskcache
 import polars as pl
 import pytest
 
 import polars_llm
-from polars_llm.engine import engine_loop
+from polars_llm.cache import CacheWarning
+from polars_llm.engine import Batch, CallSpec, engine_loop
 from polars_llm.options import CHAT_PARAMS
 from polars_llm.testing import FakeServer, spawn_server
 
@@ -314,3 +317,66 @@ def test_ctrl_c_stops_a_library_batch_and_spares_another_thread(tmp_path: Path) 
     assert calls < 600
     assert lines[1] == "other 0 40"
     print(f"KeyboardInterrupt {took:.2f} s after SIGINT; {calls} calls")
+
+
+# -- the cache split -------------------------------------------------------------------------
+@pytest.mark.parametrize("broken", [False, True], ids=["columns", "entry by entry"])
+def test_cached_answers_come_back_in_row_order_and_odd_entries_are_asked_again(
+    server: FakeServer, tmp_path: Path, broken: bool
+) -> None:
+    """Cached answers come back with their stored token counts and finish reasons, in row order
+    with repeats and nulls; an entry of another shape is still read; damaged entries and cut-off
+    answers (with truncated_is_error) are paid again. An entry that breaks the bulk decoding
+    (``broken``) sends every entry the entry-by-entry way, to the same result."""
+    settings = polars_llm.Settings(
+        base_url=server.base_url,
+        api_key="k",
+        model="m",
+        cache_dir=tmp_path,
+        progress=False,
+        truncated_is_error=True,
+    )
+    prompts = [f"p{i}" for i in range(7)]
+    keys = Batch(CallSpec(settings=settings)).template.keys(prompts)
+    entries = {
+        0: '{"text":"zero","usage":[3,4],"finish":"stop"}',
+        1: '{"text": "spaced", "usage": [5, 6], "finish": "stop"}',  # another writer's spacing
+        2: "{not json",
+        3: '{"text":"cut","usage":[1,2],"finish":"length"}',
+        4: '{"text":null,"usage":[1,1]}',
+    }
+    if broken:
+        entries[6] = '{"text":"never closed'
+    with diskcache.Cache(str(tmp_path)) as raw:
+        for i, text in entries.items():
+            raw.set(keys[i], text)
+    rows = ["p0", "p1", None, "p2", "p0", "p3", "p4", "p5", "p1", "p6"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CacheWarning)
+        out = pl.DataFrame({"q": rows}).select(
+            pl.col("q").llm.complete("{q}", settings=settings, details=True).struct.unnest()
+        )
+    assert out["value"].to_list() == [
+        "zero",
+        "spaced",
+        None,
+        "echo: p2",
+        "zero",
+        "echo: p3",
+        "echo: p4",
+        "echo: p5",
+        "spaced",
+        "echo: p6",
+    ]
+    assert out["cached"].to_list() == [True, True, None, False, True] + [False] * 3 + [True, False]
+    assert out["prompt_tokens"].to_list()[:2] == [3, 5]
+    assert out["completion_tokens"].to_list()[:2] == [4, 6]
+    assert out["finish_reason"].to_list()[:2] == ["stop", "stop"]
+    assert out["error"].null_count() == len(rows)
+    assert sorted(b["messages"][-1]["content"] for b in server.history) == [
+        "p2",
+        "p3",
+        "p4",
+        "p5",
+        "p6",
+    ]
