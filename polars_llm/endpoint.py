@@ -70,8 +70,6 @@ LATENCY_WINDOW = 256
 LATENCY_MIN_SAMPLES = 8
 # Seconds between two looks at the requests in flight.
 WATCH_EVERY = 0.25
-# The transport's own bound on a request: longer than any batch's timeout should be.
-TRANSPORT_TIMEOUT = 3600.0
 # Seconds a stop lasts: long enough to end the batches that run now, short enough that a fixed
 # key or a recovered endpoint works in the next batch without restarting the process.
 STOP_FOR = 30.0
@@ -152,10 +150,10 @@ class EndpointClient:
         self.base_url = base_url
         self.model = model
         self.local = local
-        # ``send`` bounds each whole request, body included, by its batch's timeout; the
-        # transport's own timeout is only a backstop, as long as the longest a batch may ask.
+        # ``send`` bounds each whole request, body included, by its batch's timeout: the
+        # transport arms no timer of its own.
         self.transport: Transport = make_transport(
-            settings.transport, base_url, api_key, TRANSPORT_TIMEOUT, settings.concurrency
+            settings.transport, base_url, api_key, None, settings.concurrency
         )
         # With no limit configured, the first answer's x-ratelimit-* headers may state it:
         # one request goes alone until then, rather than a burst learning it from 429s.

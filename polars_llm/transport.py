@@ -65,7 +65,7 @@ CONNECT_TIMEOUT = 10.0
 TransportKind = Literal["aiohttp", "openai"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per answer: no frozen __setattr__ on the hot path
 class Completion:
     """What a chat completion returned."""
 
@@ -98,9 +98,13 @@ class Transport(Protocol):
 
 
 def make_transport(
-    kind: TransportKind, base_url: str, api_key: str, timeout: float, concurrency: int
+    kind: TransportKind, base_url: str, api_key: str, timeout: float | None, concurrency: int
 ) -> Transport:
-    """The transport ``kind`` for one endpoint and key, with a connection pool for ``concurrency``."""
+    """The transport ``kind`` for one endpoint and key, with a connection pool for ``concurrency``.
+
+    ``timeout`` bounds each whole request; None leaves that to the caller (the engine bounds
+    every request itself, so the transport need not arm a second timer per request).
+    """
     if kind == "openai":
         return OpenAITransport(base_url, api_key, timeout, max_connections=max(1, concurrency))
     return AiohttpTransport(base_url, api_key, timeout, concurrency)
@@ -112,7 +116,9 @@ def make_transport(
 class AiohttpTransport:
     """One ``aiohttp.ClientSession`` for one endpoint and key, on the loop that first uses it."""
 
-    def __init__(self, base_url: str, api_key: str, timeout: float, concurrency: int) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, timeout: float | None, concurrency: int
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         # Parsed once: aiohttp would parse a str URL on every request.
@@ -139,7 +145,8 @@ class AiohttpTransport:
             # total bounds the whole request, the body included (aiohttp's sock_read alone
             # would let a body drip in for ever).
             timeout=aiohttp.ClientTimeout(
-                total=self.timeout, sock_connect=min(self.timeout, CONNECT_TIMEOUT)
+                total=self.timeout,
+                sock_connect=min(self.timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT),
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
             # Errors are read from the status ourselves; aiohttp's own check would raise first.
@@ -225,7 +232,9 @@ _UNREAD_BODY = {"X-Stainless-Raw-Response": "stream"}
 class OpenAITransport:
     """A long-lived ``AsyncOpenAI`` client (aiohttp backend) for one endpoint on one loop."""
 
-    def __init__(self, base_url: str, api_key: str, timeout: float, max_connections: int) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, timeout: float | None, max_connections: int
+    ) -> None:
         import httpx2
         import openai
 
@@ -240,7 +249,9 @@ class OpenAITransport:
             base_url=base_url,
             api_key=api_key,
             max_retries=0,
-            timeout=httpx2.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT)),
+            timeout=httpx2.Timeout(
+                timeout, connect=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT)
+            ),
             http_client=openai.DefaultAioHttpClient(limits=limits),
         )
 
