@@ -34,9 +34,9 @@ Scenarios:
 10. Ray Data: ``polars_llm.ray.enrich`` with 1 and 2 workers on a local Ray (needs the ``ray``
     extra): rows/s, latency as in 1, C = 64 per worker.
 
-polars-llm's first batch against an endpoint sends one request alone before the others (a probe, so
-a wrong key costs one call). Runs marked *cold* start on a fresh endpoint, as a one-off script
-does; runs marked *reached* first send one one-row batch, as a notebook's second cell does.
+Runs marked *cold* start on a fresh endpoint, as a one-off script does; runs marked *reached* first
+send one one-row batch, as a notebook's second cell does. (A process alone with an endpoint sends
+at once, with no probe round trip, so the two should agree.)
 
 Usage::
 
@@ -438,6 +438,10 @@ def scenario_1(sizes: dict[str, Any]) -> dict[str, Any]:
             run_polars(server, _questions(f"s1r{c}", n), c, reached=True), bound
         )
         entry["reference"] = _record(run_reference(server, _questions(f"s1x{c}", n), c), bound)
+        # The Python limit: what a bare aiohttp loop reaches against the same server.
+        entry["bare"] = _record(
+            run_reference(server, _questions(f"s1b{c}", n), c, bare=True), bound
+        )
         rows.append(entry)
     return {"n": n, "latency_s": LATENCY, "jitter_s": JITTER, "rows": rows}
 
@@ -567,6 +571,8 @@ def scenario_9(sizes: dict[str, Any]) -> dict[str, Any]:
         "bound_per_s": bound,
         "cold": _record(run_polars(server, _questions("s9c", n), c, reached=False), bound),
         "reached": _record(run_polars(server, _questions("s9r", n), c, reached=True), bound),
+        # The Python limit: what a bare aiohttp loop reaches against the same server.
+        "bare": _record(run_reference(server, _questions("s9b", n), c, bare=True), bound),
     }
 
 
@@ -870,18 +876,27 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         for row in s1["rows"]:
             c = row["concurrency"]
             target = 0.95
+            bare = row.get("bare", {}).get("share_of_bound")
             for kind in ("cold", "reached"):
                 if kind in row:
                     share = row[kind]["share_of_bound"]
                     add(
                         f"S1 C={c} {kind}: >= {target:.0%} of bound",
                         share >= target,
-                        f"{share:.1%}",
+                        f"{share:.1%}" + (f" (bare aiohttp loop {bare:.1%})" if bare else ""),
                     )
     if s2 := results.get("s2"):
         ours, bare = s2["polars_llm"], s2["bare"]
         cpu = ours["cpu_ms_per_request"]
         add("S2 client CPU <= 0.12 ms/request", cpu <= 0.12, f"{cpu:.3f} ms")
+        # The 0.12 ms was set against a bare loop of 0.072 ms on its machine: as a
+        # ratio, which this machine's load cannot move, at most 1.67x the bare loop's CPU.
+        cpu_ratio = cpu / bare["cpu_ms_per_request"]
+        add(
+            "S2 client CPU <= 1.67x the bare aiohttp loop's",
+            cpu_ratio <= 0.12 / 0.072,
+            f"{cpu_ratio:.2f}x ({cpu:.3f} ms against {bare['cpu_ms_per_request']:.3f} ms)",
+        )
         ratio = ours["rate_per_s"] / bare["rate_per_s"]
         add("S2 req/s >= 0.6x the bare aiohttp loop", ratio >= 0.6, f"{ratio:.2f}x")
         ratio = ours["rate_per_s"] / s2["reference"]["rate_per_s"]
@@ -909,9 +924,14 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{run['rate_per_s']:,.0f} rows/s, {run['calls']} calls ({s4['unique']:,} unique)",
         )
     if s9 := results.get("s9"):
+        bare = s9.get("bare", {}).get("share_of_bound")
         for kind in ("cold", "reached"):
             share = s9[kind]["share_of_bound"]
-            add(f"S9 C=1024 L=1 s {kind}: >= 92% of bound", share >= 0.92, f"{share:.1%}")
+            add(
+                f"S9 C=1024 L=1 s {kind}: >= 92% of bound",
+                share >= 0.92,
+                f"{share:.1%}" + (f" (bare aiohttp loop {bare:.1%})" if bare else ""),
+            )
     if s5 := results.get("s5"):
         ours = s5["polars_llm"]
         share = ours["rate_per_s"] / s5["bound_per_s"]
@@ -983,7 +1003,7 @@ def tables(results: dict[str, Any]) -> str:
     if s1 := results.get("s1"):
         rows = []
         for row in s1["rows"]:
-            for kind in ("cold", "reached", "reference"):
+            for kind in ("cold", "reached", "reference", "bare"):
                 if kind not in row:
                     continue
                 r = row[kind]
@@ -1132,7 +1152,8 @@ def tables(results: dict[str, Any]) -> str:
                 str(s9[k]["calls"]),
                 str(s9[k]["max_in_flight"]),
             ]
-            for k in ("cold", "reached")
+            for k in ("cold", "reached", "bare")
+            if k in s9
         ]
         parts.append(
             f"S9: C = {s9['concurrency']}, latency {s9['latency_s']:.0f} s ± 25 %, "
