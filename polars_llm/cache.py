@@ -82,10 +82,11 @@ _SELECT = (
 # loop too; lookups see answers not yet written (the pending overlay), so only a crash in these
 # few milliseconds could lose what they hold.
 _GATHER = 0.005
-# A busy run (at least _BUSY answers per _GATHER) gathers on, up to _GATHER_BUSY seconds: SQLite
-# costs a fraction per answer in large transactions of what it costs in small ones, and that
-# CPU is taken from the event loop's. Only that many seconds of answers are at risk in a crash.
-_BUSY = 16
+# A busy run (at least _BUSY answers per _GATHER: 800 a second) gathers on, up to _GATHER_BUSY
+# seconds: SQLite costs a fraction per answer in large transactions of what it costs in small
+# ones, and that CPU is taken from the event loop's. Only that long of answers is at risk in a
+# crash.
+_BUSY = 4
 _GATHER_BUSY = 0.05
 # One row of diskcache's table for a text stored inline (what ``Cache.set`` writes for it), or
 # the same columns updated when the key is there already.
