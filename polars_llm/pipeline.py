@@ -13,8 +13,6 @@ import difflib
 import json
 import math
 import tomllib
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,7 @@ from .outputs import LabelPost, PostProcess, SchemaPost, TextPost
 from .prices import cost, load_prices
 from .progress import Display, Progress
 from .prompt import _parse, placeholders, render
-from .settings import OnError, Settings, get_settings
+from .settings import OnError, Settings, get_settings, type_problem
 
 ERROR_COLUMN = "llm_error"
 
@@ -233,37 +231,10 @@ def _check_settings_table(path: Path, table: object) -> None:
     """Raise ConfigError for a [settings] value whose type the setting cannot take."""
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: settings must be a [settings] table, got {table!r}")
-    hints = typing.get_type_hints(Settings)
     for key, value in table.items():
-        hint = hints.get(key)
-        if hint is not None and not _fits(value, hint):
-            raise ConfigError(f"{path}: [settings] {key} must be {_describe(hint)}; got {value!r}")
-
-
-def _fits(value: object, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is bool or isinstance(value, bool):
-        return hint is bool and isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float))
-    if hint is Path:
-        return isinstance(value, str)
-    return not isinstance(hint, type) or isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        kinds = [_describe(a) for a in typing.get_args(hint) if a is not type(None)]
-        return " or ".join(dict.fromkeys(kinds))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
-    return names.get(hint, "a string" if hint is Path else str(hint))
+        wanted = type_problem(key, value)
+        if wanted is not None:
+            raise ConfigError(f"{path}: [settings] {key} must be {wanted}; got {value!r}")
 
 
 def check_steps(steps: Sequence[Step], columns: Sequence[str]) -> None:

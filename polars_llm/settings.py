@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from .errors import ConfigError
@@ -106,7 +109,10 @@ class Settings:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name))
+            value = getattr(self, f.name)
+            wanted = type_problem(f.name, value)
+            if wanted is not None:
+                raise ConfigError(f"setting {f.name} must be {wanted}, got {value!r}")
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
         for name in ("rpm", "tpm"):
@@ -121,16 +127,12 @@ class Settings:
                 raise ConfigError(f"{name} must be zero or more seconds, got {getattr(self, name)}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be at least 1, got {self.max_attempts}")
-        if self.on_error not in ("raise", "null"):
-            raise ConfigError(f"on_error must be 'raise' or 'null', got {self.on_error!r}")
         if self.base_url is not None:
             _check_url(self.base_url)
         if self.shared_url is not None:
             from .shared import check_shared_url
 
             check_shared_url(self.shared_url)
-        if self.transport not in ("aiohttp", "openai"):
-            raise ConfigError(f"transport must be 'aiohttp' or 'openai', got {self.transport!r}")
 
     def __repr__(self) -> str:
         # The API key never shows: not in logs, task names or a dashboard.
@@ -196,39 +198,44 @@ class Endpoint:
         return cls(base_url="local:", api_key="local", local=True)
 
 
-# The type each field takes, for one clear error on a wrong one (e.g. from a TOML file).
-_TYPES: dict[str, tuple[type, ...]] = {
-    "base_url": (str, type(None)),
-    "api_key": (str, type(None)),
-    "model": (str, type(None)),
-    "concurrency": (int,),
-    "rpm": (int, type(None)),
-    "tpm": (int, type(None)),
-    "timeout": (int, float),
-    "max_attempts": (int,),
-    "retry_budget": (int, float),
-    "backoff_base": (int, float),
-    "backoff_max": (int, float),
-    "cache": (bool, type(None)),
-    "cache_dir": (str, Path, type(None)),
-    "on_error": (str,),
-    "truncated_is_error": (bool,),
-    "progress": (bool, type(None)),
-    "shared_url": (str, type(None)),
-    "batch": (bool,),
-    "transport": (str,),
-}
+def type_problem(name: str, value: object) -> str | None:
+    """What setting ``name`` must be, when ``value`` is not that (from a TOML file, say); None
+    when it fits, or when ``name`` is no setting."""
+    hint = _field_types().get(name)
+    if hint is None or _fits(value, hint):
+        return None
+    return _describe(hint)
 
 
-def _check_type(name: str, value: object) -> None:
-    types = _TYPES.get(name)
-    if types is None:
-        return
-    # bool is an int in Python, but "concurrency = true" is a mistake, not 1.
-    ok = False if isinstance(value, bool) and bool not in types else isinstance(value, types)
-    if not ok:
-        wanted = " or ".join("None" if t is type(None) else t.__name__ for t in types)
-        raise ConfigError(f"setting {name} must be {wanted}, got {value!r}")
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(Settings)
+
+
+def _fits(value: object, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool or isinstance(value, bool):
+        return hint is bool and isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float))
+    if hint is Path:
+        return isinstance(value, (str, Path))
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_describe(a) for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(dict.fromkeys(kinds))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    return names.get(hint, "a string" if hint is Path else str(hint))
 
 
 def _check_url(url: str) -> None:

@@ -101,7 +101,7 @@ def test_the_api_key_never_shows_in_repr() -> None:
 
 def test_a_wrongly_typed_setting_is_one_clear_error() -> None:
     """A setting of the wrong type (e.g. from a TOML file) names the setting and the type."""
-    with pytest.raises(polars_llm.ConfigError, match="setting concurrency must be int"):
+    with pytest.raises(polars_llm.ConfigError, match="setting concurrency must be a whole number"):
         polars_llm.Settings(concurrency="8")  # type: ignore[arg-type]
 
 
