@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +25,7 @@ from polars_llm import shared as shared_module
 from polars_llm.errors import ConfigError
 from polars_llm.settings import Settings
 from polars_llm.shared import (
+    ClaimGate,
     InProcessState,
     Lease,
     Meeting,
@@ -491,3 +492,50 @@ def test_a_failed_holder_hands_the_prompt_over(make_home: Callable[[], SharedSta
         return outcome if taken else "a still held it"
 
     assert run(main) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Claims of a batch, in bulk
+# --------------------------------------------------------------------------------------------
+def test_a_batch_claims_a_window_ahead_and_frees_what_it_never_sent(tmp_path: Path) -> None:
+    """A planned batch claims its next keys a window at a time, in few round trips; another
+    process finds them held. Keys another process stored an answer for come back found, and
+    those another holds come back held. Closing the batch frees the claims it never used."""
+    path = tmp_path / "shared.sqlite3"
+
+    class Counted(SqliteState):
+        round_trips = 0
+
+        async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+            Counted.round_trips += 1
+            return await super().claim_many(keys, ttl)
+
+    async def main() -> tuple[list[str], int, list[bool], list[bool]]:
+        ours, other = Counted(path), SqliteState(path)
+        await other.claim("k5", 60.0)  # another process is paying for k5
+        stored = {"k3": "answer of k3"}  # and stored an answer for k3
+
+        async def find_many(keys: list[str]) -> list[str | None]:
+            return [stored.get(k) for k in keys]
+
+        gate: ClaimGate[str] = ClaimGate(ours, find_many, window=4)
+        keys = [f"k{i}" for i in range(12)]
+        gate.plan(keys)
+        states = []
+        for key in keys[:8]:
+            state, _ = await gate.enter(key)
+            states.append(state)
+            if state == "claimed":
+                gate.leave(key, answered=True)
+        held_ahead = await other.claim_many(keys[8:], 60.0)
+        gate.close()
+        await asyncio.sleep(0.1)  # the release goes out
+        freed = await other.claim_many(keys[8:], 60.0)
+        await closing(ours, other)
+        return states, Counted.round_trips, held_ahead, freed
+
+    states, round_trips, held_ahead, freed = run(main)
+    assert states == ["claimed"] * 3 + ["found", "claimed", "held", "claimed", "claimed"]
+    assert round_trips <= 4  # windows of keys, not one round trip per key
+    assert not any(held_ahead[:2])  # claimed ahead of the batch, never sent
+    assert all(freed[:2])  # ... and freed when the batch closed
