@@ -730,6 +730,7 @@ class ClaimGate(Generic[T]):
         self._asking: list[tuple[str, asyncio.Future[tuple[str, T | None]]]] = []
         self._plan: list[str] = []
         self._cursor = 0
+        self._entered: set[str] = set()  # never asked ahead again
         self._held: set[str] = set()
         self._releasing: list[str] = []
         self._tasks: dict[str, asyncio.Task[None] | None] = dict.fromkeys(
@@ -738,11 +739,12 @@ class ClaimGate(Generic[T]):
 
     def plan(self, keys: Sequence[str]) -> None:
         """The keys the batch will enter, in order: claims are then taken a window ahead."""
-        self._plan, self._cursor = list(keys), 0
+        self._plan, self._cursor, self._entered = list(keys), 0, set()
 
     async def enter(self, key: str) -> tuple[str, T | None]:
         """``("found", answer)``, ``("claimed", None)`` (send it, then ``leave``), or
         ``("held", None)``: another process holds the claim (wait with ``claim_or_find``)."""
+        self._entered.add(key)
         future = self._asked.pop(key, None)
         if future is None:
             future = self._ask(key)
@@ -795,7 +797,7 @@ class ClaimGate(Generic[T]):
         while len(asked) < self._window and self._cursor < len(plan):
             key = plan[self._cursor]
             self._cursor += 1
-            if key not in asked:
+            if key not in asked and key not in self._entered:
                 self._ask(key)
 
     def _start(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
