@@ -671,39 +671,6 @@ async def claim_or_find(
     return None
 
 
-class Lease:
-    """Keeps a claim alive while its request runs: ``async with Lease(home, key) as lease``.
-
-    Set ``lease.answered`` once the answer is stored where others look: the claim is then left to
-    expire, so a process polling for it finds the answer rather than a free claim it would pay
-    for again. Otherwise (failure, cancellation) the claim is released for others to take over.
-    """
-
-    def __init__(self, home: SharedState, key: str) -> None:
-        self.home = home
-        self.key = key
-        self.answered = False
-        self._renewer: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Lease:
-        self._renewer = asyncio.ensure_future(self._renew())
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-        if not self.answered:
-            # Shielded: a cancelled request must still free its claim, or others wait it out.
-            with contextlib.suppress(SharedStateError):  # then it expires by itself
-                await asyncio.shield(self.home.release(self.key))
-
-    async def _renew(self) -> None:
-        with contextlib.suppress(SharedStateError):  # the claim then expires; others take over
-            while True:
-                await asyncio.sleep(CLAIM_RENEW)
-                await self.home.claim(self.key, CLAIM_TTL)
-
-
 class ClaimGate(Generic[T]):
     """The claims of one batch, taken, renewed and released in bulk.
 

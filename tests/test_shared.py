@@ -7,7 +7,6 @@ atomicity tests run real interpreters side by side.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -27,7 +26,6 @@ from polars_llm.settings import Settings
 from polars_llm.shared import (
     ClaimGate,
     InProcessState,
-    Lease,
     Meeting,
     RedisState,
     SharedState,
@@ -447,12 +445,15 @@ def test_a_waiter_gets_the_holders_answer(make_home: Callable[[], SharedState]) 
             looks += 1
             return answers.get("k")
 
+        async def find_many(keys: list[str]) -> list[str | None]:
+            return [answers.get(k) for k in keys]
+
         async def holder() -> None:
-            assert await claim_or_find(a, "k", find) is None
-            async with Lease(a, "k") as lease:
-                await asyncio.sleep(1.0)  # longer than the lease: renewals keep it
-                answers["k"] = "the answer"
-                lease.answered = True
+            gate: ClaimGate[str] = ClaimGate(a, find_many)
+            assert await gate.enter("k") == ("claimed", None)
+            await asyncio.sleep(1.0)  # longer than the lease: renewals keep it
+            answers["k"] = "the answer"
+            gate.leave("k", answered=True)
 
         task = asyncio.ensure_future(holder())
         await asyncio.sleep(0.1)
@@ -476,12 +477,14 @@ def test_a_failed_holder_hands_the_prompt_over(make_home: Callable[[], SharedSta
         async def find() -> str | None:
             return None
 
+        async def find_many(keys: list[str]) -> list[str | None]:
+            return [None for _ in keys]
+
         async def holder() -> None:
-            await claim_or_find(a, "k", find)
-            with contextlib.suppress(RuntimeError):
-                async with Lease(a, "k"):
-                    await asyncio.sleep(0.3)
-                    raise RuntimeError("the endpoint refused")
+            gate: ClaimGate[str] = ClaimGate(a, find_many)
+            assert await gate.enter("k") == ("claimed", None)
+            await asyncio.sleep(0.3)
+            gate.leave("k", answered=False)  # the endpoint refused
 
         task = asyncio.ensure_future(holder())
         await asyncio.sleep(0.1)
