@@ -155,8 +155,8 @@ class EndpointClient:
         self.transport: Transport = make_transport(
             settings.transport, base_url, api_key, None, settings.concurrency
         )
-        # With no limit configured, the first answer's x-ratelimit-* headers may state it:
-        # one request goes alone until then, rather than a burst learning it from 429s.
+        # With no limit known and other processes sending through the same shared home, one
+        # request goes alone until the first answer's x-ratelimit-* headers state the limit.
         self.limiter = Limiter(1, probe=not local)
         # The budget's name in the home shared with other processes (the key only hashed).
         self.scope = scope_for(base_url, api_key, model)

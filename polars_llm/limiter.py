@@ -56,10 +56,11 @@ class Limiter:
     processes, under the name ``scope`` (see ``shared.scope_for``); by default, this process's.
     Before its first request the limiter meets its home (``SharedState.meet``): limits that
     the endpoint stated earlier, to this or another process, apply at once. With ``probe``,
-    while no limit is known and other processes send through the same home, one request at a time goes until the endpoint
-    first answers: its headers may state the limits, which then space the rest (rather than
-    several processes' bursts at full concurrency learning them from 429s). A process alone
-    sends at once: a bad key or model stops everything at its first answer anyway (endpoint.py).
+    while no limit is known and other processes send through the same home, one request at a
+    time goes until the endpoint first answers: its headers may state the limits, which then
+    space the rest (rather than several processes' bursts at full concurrency learning them
+    from 429s). A process alone sends at once: a bad key or model stops everything at its first
+    answer anyway (endpoint.py).
     """
 
     def __init__(
@@ -178,27 +179,14 @@ class Limiter:
             self._active += 1
         else:
             await self._acquire_slot()
-        if not (
-            self._rate_waiting
-            or self._spacing
-            or self._rpm
-            or self._tpm
-            or self._learned_rpm
-            or self._learned_tpm
-        ):
-            # The common case with no rate limit: nothing to wait for, no lock to take.
-            now = self._clock()
-            if now >= self._cooldown_until:
-                if self._alone:
-                    return
-                if now < self._next_poll:
-                    self._note_unbudgeted(now)
-                    return
+        cost = self._cost(tokens)
+        if not (self._rate_waiting or self._spacing) and self._goes_at_once(cost):
+            return  # the common case with no rate limit: nothing to wait for, no lock to take
         try:
             self._rate_waiting += 1
             try:
                 async with self._rate_lock:  # FIFO: the longest waiter is served first
-                    await self._admit(self._cost(tokens))
+                    await self._admit(cost)
             finally:
                 self._rate_waiting -= 1
         except BaseException:
@@ -235,19 +223,30 @@ class Limiter:
             cost = max(cost, tokens * 60.0 / (self.tpm * RATE_SHARE))
         return cost
 
+    def _goes_at_once(self, cost: float) -> bool:
+        """Whether a request with no budget to take goes now: no cooldown, and nobody to ask
+        about one (alone, or the shared home was asked lately)."""
+        now = self._clock()
+        if cost or now < self._cooldown_until:
+            return False
+        if self._alone:
+            return True
+        if now < self._next_poll:
+            self._note_unbudgeted(now)
+            return True
+        return False
+
     async def _admit(self, cost: float) -> None:
         while True:
+            if self._goes_at_once(cost):
+                break
             now = self._clock()
             wait = self._cooldown_until - now
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
             if cost == 0.0:
-                if self._alone:
-                    break
                 self._note_unbudgeted(now)
-                if now < self._next_poll:
-                    break
                 # No budget to take, but another process's 429 may hold everyone back.
                 self._next_poll = now + COOLDOWN_POLL
                 held = await self._reserve(0.0)
