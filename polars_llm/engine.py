@@ -788,17 +788,13 @@ def _map_unique(
     keys, raws = batch.lookup_raw(texts)
     # Cached plain-text answers are decoded as columns; anything else entry by entry.
     table = batch.decode_columns(raws)
-    if table is None:
-        found = batch.decode_raws(raws)
-    else:
-        hits = table.get_column("hit").to_list()
-        found = [
-            None if hit or raw is None else batch.decode_raws([raw])[0]
-            for hit, raw in zip(hits, raws, strict=True)
-        ]
+    in_table = [False] * len(raws) if table is None else table.get_column("hit").to_list()
+    found = batch.decode_raws(
+        [None if hit else raw for hit, raw in zip(in_table, raws, strict=True)]
+    )
     # What is not in the table: cached entries of another shape, then the answers sent.
     known = {i: o for i, o in enumerate(found) if o is not None}
-    misses = [i for i, o in enumerate(found) if o is None and (table is None or not hits[i])]
+    misses = [i for i, o in enumerate(found) if o is None and not in_table[i]]
     sent: list[Outcome] = []
     if misses:
         miss_texts = [texts[i] for i in misses]
@@ -856,10 +852,8 @@ def _columns(
         if table is None:
             columns[field_name] = values
             continue
-        if field_name == "error":
-            base = pl.Series([None] * size, dtype=dtype)
-        elif field_name == "cached":
-            base = pl.Series([True] * size, dtype=dtype)
+        if field_name in ("error", "cached"):  # every answer in the table is a cached one
+            base = pl.repeat(None if field_name == "error" else True, size, dtype=dtype, eager=True)
         else:
             base = table.get_column(field_name).cast(dtype)
         columns[field_name] = base.scatter(places, values) if places else base
