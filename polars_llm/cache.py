@@ -323,7 +323,7 @@ class ResultCache:
                 urgent = not all(_is_entry(i) for i in items[before:])
                 if len(items) - before < _BUSY:
                     break
-            entries = [i for i in items if isinstance(i, tuple) and i[0] is not _FLUSH]
+            entries = [i for i in items if _is_entry(i)]
             if entries:
                 self._write(entries)
             for item in items:

@@ -50,7 +50,7 @@ from .errors import ConfigError, InputError, PolarsLLMError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, check_steps, load_pipeline, pipeline
 from .prompt import placeholders
 from .settings import Settings, get_settings
-from .shared import Meeting, SharedStateError, use_home
+from .shared import Meeting, SharedStateError, stated_limits, use_home
 
 # The actor that holds the cluster's shared state: one per cluster, found by name.
 ACTOR_NAME = "polars-llm-shared"
@@ -120,8 +120,7 @@ class ClusterState:
         return self._learned.get(scope, (None, None))
 
     def _learn(self, owner: str, now: float, scope: str, rpm: int | None, tpm: int | None) -> None:
-        old = self._learned.get(scope, (None, None))
-        self._learned[scope] = (rpm or old[0], tpm or old[1])
+        self._learned[scope] = stated_limits(self._learned.get(scope), rpm, tpm)
 
     def _claim_many(self, owner: str, now: float, keys: Sequence[str], ttl: float) -> list[bool]:
         return [self._claim(owner, now, key, ttl) for key in keys]

@@ -142,6 +142,14 @@ class Meeting:
     tpm: int | None = None
 
 
+def stated_limits(
+    kept: tuple[int | None, int | None] | None, rpm: int | None, tpm: int | None
+) -> tuple[int | None, int | None]:
+    """The (rpm, tpm) a home keeps after ``learn``: what was stated now, else what it kept."""
+    old_rpm, old_tpm = kept or (None, None)
+    return rpm or old_rpm, tpm or old_tpm
+
+
 def scope_for(base_url: str, api_key: str, model: str) -> str:
     """The name of the budget of one endpoint, key and model; the key is hashed, never shown."""
     digest = hashlib.sha256(api_key.encode()).hexdigest()[:16]
@@ -199,8 +207,7 @@ class InProcessState:
         return Meeting(False, *self._limits.get(scope, (None, None)))
 
     async def learn(self, scope: str, rpm: int | None, tpm: int | None) -> None:
-        old = self._limits.get(scope, (None, None))
-        self._limits[scope] = (rpm or old[0], tpm or old[1])
+        self._limits[scope] = stated_limits(self._limits.get(scope), rpm, tpm)
 
     async def get_answers(self, keys: Sequence[str]) -> list[str | None]:
         return [None] * len(keys)

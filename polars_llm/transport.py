@@ -65,6 +65,11 @@ CONNECT_TIMEOUT = 10.0
 TransportKind = Literal["aiohttp", "openai"]
 
 
+def _connect_timeout(timeout: float | None) -> float:
+    """Seconds a connection may take: CONNECT_TIMEOUT, or the request's timeout if shorter."""
+    return CONNECT_TIMEOUT if timeout is None else min(timeout, CONNECT_TIMEOUT)
+
+
 @dataclass(slots=True)  # one per answer: no frozen __setattr__ on the hot path
 class Completion:
     """What a chat completion returned."""
@@ -146,7 +151,7 @@ class AiohttpTransport:
             # would let a body drip in for ever).
             timeout=aiohttp.ClientTimeout(
                 total=self.timeout,
-                sock_connect=min(self.timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT),
+                sock_connect=_connect_timeout(self.timeout),
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
             # Errors are read from the status ourselves; aiohttp's own check would raise first.
@@ -249,9 +254,7 @@ class OpenAITransport:
             base_url=base_url,
             api_key=api_key,
             max_retries=0,
-            timeout=httpx2.Timeout(
-                timeout, connect=min(timeout or CONNECT_TIMEOUT, CONNECT_TIMEOUT)
-            ),
+            timeout=httpx2.Timeout(timeout, connect=_connect_timeout(timeout)),
             http_client=openai.DefaultAioHttpClient(limits=limits),
         )
 
