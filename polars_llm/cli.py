@@ -795,8 +795,9 @@ def cache() -> None:
     """
 
 
-def _open_store(folder: Path) -> ResultCache | None:
-    """The cache in ``folder``; None, with its one error line, when it cannot be used."""
+def _open_store(folder: Path, *, damaged_ok: bool = False) -> ResultCache | None:
+    """The cache in ``folder``; None, with its one error line, when it cannot be used (with
+    ``damaged_ok``, a damaged cache is returned: clearing is its remedy)."""
     try:
         with warnings.catch_warnings():
             # The command says what is wrong itself, in one line.
@@ -805,7 +806,7 @@ def _open_store(folder: Path) -> ResultCache | None:
     except (ConfigError, OSError) as e:
         _error(f"cannot open the cache {folder}: {e}")
         return None
-    if store.problem is not None:
+    if store.problem is not None and not (damaged_ok and store.damaged):
         _error(store.problem)
         return None
     return store
@@ -843,15 +844,8 @@ def clear(cache_dir: Path | None, yes: bool) -> int:
     if not folder.exists():
         click.echo(f"removed 0 entries: {folder} does not exist")
         return EXIT_OK
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CacheWarning)
-            store = open_cache(folder)
-    except (ConfigError, OSError) as e:
-        _error(f"cannot open the cache {folder}: {e}")
-        return EXIT_USAGE
-    if store.problem is not None and not store.damaged:
-        _error(store.problem)
+    store = _open_store(folder, damaged_ok=True)
+    if store is None:
         return EXIT_USAGE
     entries = len(store)
     if not yes and (entries or store.damaged):
