@@ -211,6 +211,10 @@ class Limiter:
             return
         self._learned_rpm = self._learned_rpm or met.rpm
         self._learned_tpm = self._learned_tpm or met.tpm
+        # A hold another process's 429 left is waited out before the first request; later
+        # ones are learned by the polls of _goes_at_once.
+        self._next_poll = self._clock() + COOLDOWN_POLL
+        await self._poll_cooldown()
         if met.others and self._probe and not self._answered_once:
             self._probing = True
 
@@ -224,17 +228,25 @@ class Limiter:
         return cost
 
     def _goes_at_once(self, cost: float) -> bool:
-        """Whether a request with no budget to take goes now: no cooldown, and nobody to ask
-        about one (alone, or the shared home was asked lately)."""
+        """Whether a request with no budget to take goes now: no cooldown known. While not
+        alone, the shared home is asked about one every COOLDOWN_POLL, in the background."""
         now = self._clock()
         if cost or now < self._cooldown_until:
             return False
-        if self._alone:
-            return True
-        if now < self._next_poll:
+        if not self._alone:
+            if now >= self._next_poll:
+                self._next_poll = now + COOLDOWN_POLL
+                self._spawn(self._poll_cooldown())
             self._note_unbudgeted(now)
-            return True
-        return False
+        return True
+
+    async def _poll_cooldown(self) -> None:
+        """Ask the shared home whether another process's 429 holds everyone back. Requests do
+        not wait for the answer: a hold is at most one poll and one round trip late, which
+        admission blocked on the home (behind its queue of claims) cost in every poll."""
+        held = await self._reserve(0.0)
+        if held > 0:
+            self._cooldown_until = max(self._cooldown_until, self._clock() + held)
 
     async def _admit(self, cost: float) -> None:
         while True:
@@ -244,15 +256,6 @@ class Limiter:
             wait = self._cooldown_until - now
             if wait > 0:
                 await asyncio.sleep(wait)
-                continue
-            if cost == 0.0:
-                self._note_unbudgeted(now)
-                # No budget to take, but another process's 429 may hold everyone back.
-                self._next_poll = now + COOLDOWN_POLL
-                held = await self._reserve(0.0)
-                if held <= 0:
-                    break
-                self._cooldown_until = max(self._cooldown_until, self._clock() + held)
                 continue
             start = max(self._cursor, now - CATCH_UP)
             if start + cost > self._granted_until + 1e-9:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from polars_llm import limiter as limiter_module
-from polars_llm.limiter import CATCH_UP, RATE_SHARE, Limiter, parse_duration
+from polars_llm.limiter import CATCH_UP, COOLDOWN_POLL, RATE_SHARE, Limiter, parse_duration
 from polars_llm.shared import InProcessState, Meeting, RedisState
 
 T = TypeVar("T")
@@ -372,6 +372,42 @@ def test_a_429_in_one_process_pauses_the_others(clock: VirtualClock) -> None:
         return waits
 
     assert run(main) == pytest.approx([5.0, 5.0], abs=0.01)
+
+
+def test_a_429_elsewhere_mid_run_holds_a_limiter_from_its_next_poll(clock: VirtualClock) -> None:
+    """A limiter already sending, with no limit known, asks the home about holds in the
+    background, once per COOLDOWN_POLL: requests never wait on that question, and another
+    process's 429 holds them from the next poll until its pause ends."""
+
+    async def main() -> tuple[int, bool, float, int]:
+        home = InProcessState(clock)
+        runner = Limiter(8, clock=clock, shared=home, scope="s")
+        await acquire_many(runner, 1)  # met the home: polled, the next poll is due later
+        polls = []
+        real_reserve = home.reserve
+
+        async def counted(scope: str, seconds: float) -> float:
+            polls.append(seconds)
+            return await real_reserve(scope, seconds)
+
+        home.reserve = counted  # type: ignore[method-assign]
+        await acquire_many(runner, 50)  # within one poll: no question asked
+        quiet = len(polls)
+        await home.pause("s", 5.0)  # another process's 429
+        clock.advance(COOLDOWN_POLL)
+        before = clock.now
+        await acquire_many(runner, 1)  # goes at once; the poll it starts learns the hold
+        went_at_once = clock.now == before
+        await settle()
+        start = clock.now
+        await acquire_many(runner, 1)
+        return quiet, went_at_once, clock.now - start, len(polls)
+
+    quiet, went_at_once, held, polls = run(main)
+    assert quiet == 0
+    assert went_at_once
+    assert polls == 1
+    assert held == pytest.approx(5.0 - COOLDOWN_POLL, abs=0.01)
 
 
 def test_a_broken_home_warns_once_and_goes_on_alone(clock: VirtualClock) -> None:
