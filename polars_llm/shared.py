@@ -657,6 +657,9 @@ CLAIM_RENEW = 5.0
 # often, up to every POLL_MAX seconds.
 POLL_FIRST = 0.1
 POLL_MAX = 2.0
+# A gate's window of claims asked ahead doubles each time a request had to wait for its claim
+# (the round trip took longer than the window's lead), up to this many times its first size.
+WINDOW_GROWTH = 16
 
 
 async def claim_or_find(
@@ -683,7 +686,8 @@ class ClaimGate(Generic[T]):
 
     Every request about to be paid asks ``enter(key)``. Keys are asked in groups: all the keys
     asked in one turn of the event loop or while the previous round trip is under way, and,
-    once the batch has told its keys in order (``plan``), a window of the keys coming next. Each
+    once the batch has told its keys in order (``plan``), a window of the keys coming next (which
+    grows while requests still wait for their claims: WINDOW_GROWTH). Each
     group costs the home one look for answers other processes stored (``find_many``) and one
     ``claim_many`` of the rest, so a busy run pays a round trip per window of requests, not
     several per request. Claims held are renewed together every CLAIM_RENEW seconds; ``leave``
@@ -700,6 +704,9 @@ class ClaimGate(Generic[T]):
         self.home = home
         self._find_many = find_many
         self._window = max(1, window)
+        self._max_window = self._window * WINDOW_GROWTH
+        self._rounds = 0  # groups answered
+        self._grown_at = 0  # self._rounds when the window last grew
         self._asked: dict[str, asyncio.Future[tuple[str, T | None]]] = {}
         self._asking: list[tuple[str, asyncio.Future[tuple[str, T | None]]]] = []
         self._plan: list[str] = []
@@ -723,6 +730,11 @@ class ClaimGate(Generic[T]):
         if future is None:
             future = self._ask(key)
             self._asked.pop(key)
+        if not future.done() and self._rounds > self._grown_at and self._cursor < len(self._plan):
+            # A key asked ahead is not answered yet: the round trip outlasted the window's lead.
+            # Ask further ahead from now on (once per round trip; the first has no lead at all).
+            self._window = min(self._max_window, 2 * self._window)
+            self._grown_at = self._rounds
         self._ask_ahead()
         try:
             return await future
@@ -800,6 +812,7 @@ class ClaimGate(Generic[T]):
                         # Retrieved here: a key asked ahead may never be entered.
                         future.exception()
                 continue
+            self._rounds += 1
             claimed = dict(zip(missing, taken, strict=True))
             for (key, future), hit in zip(group, found, strict=True):
                 if hit is not None:

@@ -24,6 +24,7 @@ from polars_llm import shared as shared_module
 from polars_llm.errors import ConfigError
 from polars_llm.settings import Settings
 from polars_llm.shared import (
+    WINDOW_GROWTH,
     ClaimGate,
     InProcessState,
     Meeting,
@@ -546,3 +547,47 @@ def test_a_batch_claims_a_window_ahead_and_frees_what_it_never_sent(tmp_path: Pa
     assert not any(held_ahead[:2])  # claimed ahead of the batch, never sent
     assert all(freed[:2])  # ... and freed when the batch closed
     assert freed[-1] is False  # an answered claim is not freed: pollers find the answer
+
+
+@pytest.mark.parametrize("claim_seconds", [0.0, 0.05])
+def test_a_gate_asks_further_ahead_while_requests_wait_for_their_claims(
+    claim_seconds: float,
+) -> None:
+    """A batch using keys faster than claims come back (50 ms a round trip, a request every
+    millisecond) doubles its window of keys asked ahead, once per round trip, up to
+    WINDOW_GROWTH times its first size. When claims come back in time, it stays as it was."""
+
+    class Slow(InProcessState):
+        round_trips = 0
+
+        async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+            self.round_trips += 1
+            await asyncio.sleep(claim_seconds)
+            return await super().claim_many(keys, ttl)
+
+    async def main() -> tuple[int, int, list[str]]:
+        home = Slow()
+
+        async def find_many(keys: list[str]) -> list[str | None]:
+            return [None] * len(keys)
+
+        gate: ClaimGate[str] = ClaimGate(home, find_many, window=4)
+        keys = [f"k{i}" for i in range(400)]
+        gate.plan(keys)
+        states = []
+        for key in keys:
+            state, _ = await gate.enter(key)
+            states.append(state)
+            gate.leave(key, answered=True)
+            await asyncio.sleep(0.001)  # the request
+        gate.close()
+        return gate._window, home.round_trips, states
+
+    window, round_trips, states = run(main)
+    assert states == ["claimed"] * 400
+    if claim_seconds:
+        assert window == 4 * WINDOW_GROWTH
+        assert round_trips < 400 / 16
+    else:
+        assert window == 4
+        assert round_trips >= 400 / 4
