@@ -29,6 +29,7 @@ of its own (never the loop's default executor, where aiohttp resolves host names
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
@@ -55,6 +56,13 @@ T = TypeVar("T")
 _SQL_CHUNK = 500
 # The file, inside the cache folder, that holds one machine's shared state.
 SQLITE_NAME = "shared-state.sqlite3"
+# A process alone on a SQLite file keeps its claims in memory. It looks for newcomers every
+# SOLO_POLL seconds and then writes its claims to the file; a newcomer waits for that, looking
+# every SOLO_STEP seconds, and takes a lone process that has not written them in SOLO_WAIT
+# seconds for hung (its claims then count as expired, as a hung process's claims would).
+SOLO_POLL = 0.25
+SOLO_STEP = 0.05
+SOLO_WAIT = 20.0
 # Prefix of every Redis key polars-llm writes.
 REDIS_PREFIX = "polars-llm:"
 # Seconds Redis keeps the limits an endpoint stated, after they were last stated.
@@ -228,6 +236,12 @@ class SqliteState:
     One row per budget scope and one per claim. Writes take the database lock up front
     (``BEGIN IMMEDIATE``) so a read-modify-write never interleaves with another process's; WAL
     lets readers run meanwhile. Times are wall-clock seconds, the one clock all processes share.
+
+    A process alone (no other live process has registered with the file) keeps its claims in
+    memory, under a ``solo`` row that says so: nobody else could ask for them, and a window of
+    claims then costs no transaction. A process that registers finds that row and waits; the lone
+    process sees it within SOLO_POLL, writes its live claims to the file and deletes its row,
+    and from then on both claim through the file.
     """
 
     holds_answers = False
@@ -242,6 +256,14 @@ class SqliteState:
         )
         self._db: sqlite3.Connection | None = None
         self._claims_taken = 0
+        # Claims held while alone (key -> expiry, oldest first); None when claims are in the
+        # file. Read and changed on the caller's loop under _solo_lock; set and ended on the
+        # executor thread, so work queued after the end finds the claims in the file.
+        self._solo: collections.OrderedDict[str, float] | None = None
+        self._solo_lock = threading.Lock()
+        self._solo_ending = False
+        self._tried_solo = False
+        self._solo_stop = threading.Event()
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -267,6 +289,7 @@ class SqliteState:
                 "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, owner TEXT, expires REAL)"
             )
             db.execute("CREATE TABLE IF NOT EXISTS presence (owner TEXT PRIMARY KEY, since REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS solo (owner TEXT PRIMARY KEY, since REAL)")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS limits (scope TEXT PRIMARY KEY, rpm INTEGER, "
                 "tpm INTEGER, learned REAL)"
@@ -336,17 +359,28 @@ class SqliteState:
         return (await self.claim_many([key], ttl))[0]
 
     async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        taken = self._claim_alone(keys, ttl)
+        if taken is not None:
+            return taken
         self._claims_taken += len(keys)
         sweep = self._claims_taken >= 1000  # claims left to expire after success pile up
         if sweep:
             self._claims_taken = 0
         keys = list(keys)
+        waiting_since = time.time()
 
-        def work(db: sqlite3.Connection) -> list[bool]:
-            def take() -> list[bool]:
+        def work(db: sqlite3.Connection) -> list[bool] | None:
+            if not self._tried_solo:
+                self._tried_solo = True
+                if self._begin_alone(db):
+                    return self._claim_alone(keys, ttl)
+
+            def take() -> list[bool] | None:
                 now = time.time()
                 if sweep:
                     db.execute("DELETE FROM claims WHERE expires < ?", (now,))
+                if self._lone_other(db, hung=now - waiting_since > SOLO_WAIT):
+                    return None  # its claims are in its memory until it sees us
                 held: dict[str, str] = {}
                 for start in range(0, len(keys), _SQL_CHUNK):
                     chunk = keys[start : start + _SQL_CHUNK]
@@ -364,20 +398,153 @@ class SqliteState:
                     for key in keys
                 ]
                 db.executemany(
-                    "INSERT INTO claims VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                    "owner = excluded.owner, expires = excluded.expires",
+                    _CLAIM_ROW,
                     [(k, self._owner, now + ttl) for k, ok in zip(keys, taken, strict=True) if ok],
                 )
                 return taken
 
             return self._write(db, take)
 
-        return await self._run(work)
+        while True:
+            result = await self._run(work)
+            if result is not None:
+                return result
+            await asyncio.sleep(SOLO_STEP)
+
+    # -- alone: claims in memory ---------------------------------------------------------------
+    def _claim_alone(self, keys: Sequence[str], ttl: float) -> list[bool] | None:
+        """``claim_many`` while alone: every claim is ours. None when the claims are in the file
+        (or are being written there)."""
+        with self._solo_lock:
+            held = self._solo
+            if held is None or self._solo_ending:
+                return None
+            now = time.time()
+            expires = now + ttl
+            for key in keys:
+                held[key] = expires
+                held.move_to_end(key)
+            while held:  # oldest first: drop what expired
+                key, expiry = next(iter(held.items()))
+                if expiry > now:
+                    break
+                del held[key]
+            return [True] * len(keys)
+
+    def _release_alone(self, keys: Sequence[str]) -> bool:
+        with self._solo_lock:
+            held = self._solo
+            if held is None or self._solo_ending:
+                return False
+            for key in keys:
+                held.pop(key, None)
+            return True
+
+    def _register(self, db: sqlite3.Connection) -> tuple[int, int]:
+        """In a write transaction: this process's presence row, and the rows of processes gone.
+        Returns how many other processes were registered, and how many of them are gone."""
+        db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?)", (self._owner, time.time()))
+        others = [
+            owner
+            for (owner,) in db.execute(
+                "SELECT owner FROM presence WHERE owner != ?", (self._owner,)
+            )
+        ]
+        gone = [(o,) for o in others if not _process_alive(o)]
+        db.executemany("DELETE FROM presence WHERE owner = ?", gone)
+        db.executemany("DELETE FROM solo WHERE owner = ?", gone)
+        return len(others), len(gone)
+
+    def _begin_alone(self, db: sqlite3.Connection) -> bool:
+        """On the executor: keep claims in memory if no other live process uses the file."""
+
+        def register() -> bool:
+            others, gone = self._register(db)
+            if gone < others:
+                return False
+            db.execute("INSERT OR REPLACE INTO solo VALUES (?, ?)", (self._owner, time.time()))
+            return True
+
+        if not self._write(db, register):
+            return False
+        with self._solo_lock:
+            self._solo = collections.OrderedDict()
+        threading.Thread(target=self._watch, name="polars-llm-shared-watch", daemon=True).start()
+        return True
+
+    def _lone_other(self, db: sqlite3.Connection, hung: bool) -> bool:
+        """In a write transaction: register, and whether another live process keeps its claims
+        in memory (it sees this process registered within SOLO_POLL). A lone process that has
+        not answered for SOLO_WAIT seconds (``hung``) loses its row."""
+        self._register(db)
+        lone = [
+            owner
+            for (owner,) in db.execute("SELECT owner FROM solo WHERE owner != ?", (self._owner,))
+        ]
+        if lone and hung:
+            db.executemany("DELETE FROM solo WHERE owner = ?", [(o,) for o in lone])
+            return False
+        return bool(lone)
+
+    def _watch(self) -> None:
+        """While alone: look for a newcomer every SOLO_POLL seconds, then end being alone."""
+        while not self._solo_stop.wait(SOLO_POLL):
+            try:
+                if self._executor.submit(self._look_for_others).result():
+                    return
+            except RuntimeError:
+                return  # the executor was shut down (aclose)
+            except (sqlite3.Error, OSError):
+                continue  # a busy or damaged file: look again next time
+
+    def _look_for_others(self) -> bool:
+        if self._solo is None:
+            return True
+        db = self._connect()
+        others = [
+            owner
+            for (owner,) in db.execute(
+                "SELECT owner FROM presence WHERE owner != ?", (self._owner,)
+            )
+        ]
+        mine = db.execute("SELECT 1 FROM solo WHERE owner = ?", (self._owner,)).fetchone()
+        if mine and not any(_process_alive(o) for o in others):
+            return False
+        self._end_alone(db)
+        return True
+
+    def _end_alone(self, db: sqlite3.Connection) -> None:
+        """On the executor: write the live claims held in memory to the file, and claim through
+        the file from now on (work queued behind this finds them there)."""
+        with self._solo_lock:
+            held = self._solo
+            if held is None:
+                return
+            self._solo_ending = True
+        try:
+            now = time.time()
+            rows = [(key, self._owner, expiry, now) for key, expiry in held.items() if expiry > now]
+
+            def write() -> None:
+                # A claim another process holds stays its own: a newcomer that took this process
+                # for hung (SOLO_WAIT) may have claimed the same keys since.
+                db.executemany(
+                    f"{_CLAIM_ROW} WHERE claims.owner = excluded.owner OR claims.expires < ?4",
+                    rows,
+                )
+                db.execute("DELETE FROM solo WHERE owner = ?", (self._owner,))
+
+            self._write(db, write)
+        finally:
+            with self._solo_lock:
+                self._solo, self._solo_ending = None, False
 
     async def release(self, key: str) -> None:
         await self.release_many([key])
 
     async def release_many(self, keys: Sequence[str]) -> None:
+        if self._release_alone(keys):
+            return
         rows = [(key, self._owner) for key in keys]
 
         def work(db: sqlite3.Connection) -> None:
@@ -388,19 +555,9 @@ class SqliteState:
     async def meet(self, scope: str) -> Meeting:
         def work(db: sqlite3.Connection) -> Meeting:
             def register() -> Meeting:
-                db.execute(
-                    "INSERT OR REPLACE INTO presence VALUES (?, ?)", (self._owner, time.time())
-                )
-                others = [
-                    owner
-                    for (owner,) in db.execute(
-                        "SELECT owner FROM presence WHERE owner != ?", (self._owner,)
-                    )
-                ]
-                gone = [(o,) for o in others if not _process_alive(o)]
-                db.executemany("DELETE FROM presence WHERE owner = ?", gone)
+                others, gone = self._register(db)
                 row = db.execute("SELECT rpm, tpm FROM limits WHERE scope = ?", (scope,)).fetchone()
-                return Meeting(len(gone) < len(others), *(row or (None, None)))
+                return Meeting(gone < others, *(row or (None, None)))
 
             return self._write(db, register)
 
@@ -425,13 +582,28 @@ class SqliteState:
         return None
 
     async def aclose(self) -> None:
+        self._solo_stop.set()
+
         def close() -> None:
             if self._db is not None:
-                self._db.close()
-                self._db = None
+                try:
+                    with contextlib.suppress(sqlite3.Error, OSError):
+                        self._end_alone(self._db)  # what a process still polling needs to see
+                finally:
+                    self._db.close()
+                    self._db = None
 
-        await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        self._executor.shutdown(wait=False)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+
+# One claim, taken or renewed (the owner and expiry replace an expired or released one).
+_CLAIM_ROW = (
+    "INSERT INTO claims VALUES (?1, ?2, ?3) ON CONFLICT(key) DO UPDATE SET "
+    "owner = excluded.owner, expires = excluded.expires"
+)
 
 
 def _process_alive(owner: str) -> bool:

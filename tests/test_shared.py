@@ -7,10 +7,12 @@ atomicity tests run real interpreters side by side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -331,6 +333,73 @@ def test_claim_of_a_killed_process_is_free_at_once(tmp_path: Path) -> None:
     proc.stdout.close()
     assert held_while_alive
     assert run(try_claim)
+
+
+def _claimed_in_file(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return sorted(key for (key,) in db.execute("SELECT key FROM claims"))
+
+
+def test_a_process_alone_keeps_its_claims_in_memory_until_another_arrives(tmp_path: Path) -> None:
+    """Alone on a SQLite file, a process claims without writing claims to the file. A second
+    process that arrives waits until the first has written its live claims there (the first
+    looks for newcomers every SOLO_POLL seconds), then finds them held; from then on both claim
+    through the file, and a claim the first released while alone is free."""
+    path = tmp_path / "shared.sqlite3"
+
+    async def main() -> tuple[list[bool], list[str], list[bool], list[str], list[bool]]:
+        a, b = SqliteState(path), SqliteState(path)
+        taken = await a.claim_many(["k1", "k2", "k3"], 60.0)
+        await a.release("k3")
+        while_alone = _claimed_in_file(path)
+        got = await b.claim_many(["k1", "k2", "k3", "k4"], 60.0)
+        after = _claimed_in_file(path)
+        then = await a.claim_many(["k4", "k5"], 60.0)  # b holds k4 now
+        await closing(a, b)
+        return taken, while_alone, got, after, then
+
+    taken, while_alone, got, after, then = run(main)
+    assert taken == [True, True, True]
+    assert while_alone == []
+    assert got == [False, False, True, True]
+    assert after == ["k1", "k2", "k3", "k4"]
+    assert then == [False, True]
+
+
+def test_a_lone_process_that_stops_looking_holds_a_newcomer_back_for_solo_wait_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process alive but hung (it keeps claims in memory and no longer looks for newcomers)
+    holds a newcomer back for SOLO_WAIT seconds, then loses its claims, as an expired lease
+    would; back from its hang, it does not take them back. A lone process that has gone holds
+    nobody back."""
+    path = tmp_path / "shared.sqlite3"
+    monkeypatch.setattr(shared_module, "SOLO_WAIT", 0.3)
+
+    async def main() -> tuple[bool, list[str], bool, bool]:
+        hung = SqliteState(path)
+        assert await hung.claim("k", 60.0)
+        hung._solo_stop.set()  # its watcher stops looking: as if the process hung
+        newcomer = SqliteState(path)
+        got = await newcomer.claim("k", 60.0)
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            lone = [owner for (owner,) in db.execute("SELECT owner FROM solo")]
+            # A lone process that has gone (a pid no process has): nobody waits for it.
+            db.execute("INSERT INTO presence VALUES ('999999999:gone', 0)")
+            db.execute("INSERT INTO solo VALUES ('999999999:gone', 0)")
+            db.commit()
+        await closing(hung)  # back from its hang: it writes down its claims, but not over ours
+        kept = await newcomer.claim("k", 60.0)
+        monkeypatch.setattr(shared_module, "SOLO_WAIT", 3600.0)  # run() would time out first
+        last = await SqliteState(path).claim("z", 60.0)
+        await closing(newcomer)
+        return got, lone, kept, last
+
+    got, lone, kept, last = run(main)
+    assert got is True
+    assert lone == []
+    assert kept is True
+    assert last is True
 
 
 # --------------------------------------------------------------------------------------------
