@@ -146,6 +146,8 @@ class ResultCache:
             self.problem = _describe_open_error(self.directory, e)
             self._warn("open", f"{self.problem}; going on without the cache")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Set when a flush or a stop is queued: the writer stops gathering and writes at once.
+        self._urgent = threading.Event()
         self._writer: threading.Thread | None = None
         self._writer_lock = threading.Lock()
         # Answers put but not yet committed: key -> JSON text.
@@ -287,6 +289,7 @@ class ResultCache:
         if self._writer is not None:
             done = threading.Event()
             self._queue.put((_FLUSH, done))
+            self._urgent.set()
             done.wait()
         error = self._errors.pop(owner, None)
         if error is not None:
@@ -308,21 +311,23 @@ class ResultCache:
     def _write_loop(self) -> None:
         while True:
             items = [self._queue.get()]
-            urgent = not _is_entry(items[0])  # a flush or a stop waits for nothing
-            waited = 0.0
-            while not urgent and waited < _GATHER_BUSY:
-                time.sleep(_GATHER)  # let a busy run's answers gather (see _GATHER)
-                waited += _GATHER
-                # Drain what else is waiting, so a busy run writes many results per transaction.
+            self._urgent.clear()  # a flush queued from now on cuts the gathering short
+            # Let a busy run's answers gather (see _GATHER): a look after _GATHER, and at a busy
+            # run's pace one more at _GATHER_BUSY, each time draining what else is waiting. Two
+            # wakes, not one per _GATHER: each wake takes the GIL from the event loop. A flush
+            # or a stop waits for nothing.
+            gather = _GATHER
+            while _is_entry(items[-1]) and gather > 0:
+                self._urgent.wait(gather)
                 before = len(items)
                 while True:
                     try:
                         items.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                urgent = not all(_is_entry(i) for i in items[before:])
-                if len(items) - before < _BUSY:
+                if not all(_is_entry(i) for i in items[before:]) or len(items) - before < _BUSY:
                     break
+                gather = _GATHER_BUSY - _GATHER if gather == _GATHER else 0.0
             entries = [i for i in items if _is_entry(i)]
             if entries:
                 self._write(entries)
@@ -395,6 +400,7 @@ class ResultCache:
         if self._writer is not None:
             self.flush()
             self._queue.put(_STOP)
+            self._urgent.set()
             self._writer.join()
             self._writer = None
         if self._cache is not None:
