@@ -63,6 +63,9 @@ SQLITE_NAME = "shared-state.sqlite3"
 SOLO_POLL = 0.25
 SOLO_STEP = 0.05
 SOLO_WAIT = 20.0
+# A process alone that has held no claim for this long stops being alone (and stops looking
+# for newcomers) until its next claim.
+SOLO_IDLE = 5.0
 # Prefix of every Redis key polars-llm writes.
 REDIS_PREFIX = "polars-llm:"
 # Seconds Redis keeps the limits an endpoint stated, after they were last stated.
@@ -264,6 +267,7 @@ class SqliteState:
         self._solo_ending = False
         self._tried_solo = False
         self._solo_stop = threading.Event()
+        self._solo_since_busy = 0.0  # time.monotonic() when claims were last seen held
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -424,11 +428,7 @@ class SqliteState:
             for key in keys:
                 held[key] = expires
                 held.move_to_end(key)
-            while held:  # oldest first: drop what expired
-                key, expiry = next(iter(held.items()))
-                if expiry > now:
-                    break
-                del held[key]
+            _drop_expired(held, now)
             return [True] * len(keys)
 
     def _release_alone(self, keys: Sequence[str]) -> bool:
@@ -469,6 +469,7 @@ class SqliteState:
             return False
         with self._solo_lock:
             self._solo = collections.OrderedDict()
+            self._solo_since_busy = time.monotonic()
         threading.Thread(target=self._watch, name="polars-llm-shared-watch", daemon=True).start()
         return True
 
@@ -498,7 +499,22 @@ class SqliteState:
                 continue  # a busy or damaged file: look again next time
 
     def _look_for_others(self) -> bool:
-        if self._solo is None:
+        """On the executor, every SOLO_POLL while alone: end being alone if another process has
+        registered, or if this one has held no claim for a while (its watcher then stops; the
+        next claim tries to be alone again)."""
+        held = self._solo
+        if held is None:
+            return True
+        idle = False
+        with self._solo_lock:
+            _drop_expired(held, time.time())
+            if not held:
+                idle = time.monotonic() - self._solo_since_busy > SOLO_IDLE
+            else:
+                self._solo_since_busy = time.monotonic()
+        if idle:
+            self._end_alone(self._connect())
+            self._tried_solo = False
             return True
         db = self._connect()
         others = [
@@ -597,6 +613,15 @@ class SqliteState:
             await asyncio.get_running_loop().run_in_executor(self._executor, close)
         finally:
             self._executor.shutdown(wait=False)
+
+
+def _drop_expired(claims: collections.OrderedDict[str, float], now: float) -> None:
+    """Drop the expired claims from the front of claims kept oldest first."""
+    while claims:
+        key, expiry = next(iter(claims.items()))
+        if expiry > now:
+            break
+        del claims[key]
 
 
 # One claim, taken or renewed (the owner and expiry replace an expired or released one).

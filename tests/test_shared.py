@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -364,6 +365,39 @@ def test_a_process_alone_keeps_its_claims_in_memory_until_another_arrives(tmp_pa
     assert got == [False, False, True, True]
     assert after == ["k1", "k2", "k3", "k4"]
     assert then == [False, True]
+
+
+def test_a_lone_process_that_holds_no_claim_stops_being_alone_until_its_next_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once its claims have expired and SOLO_IDLE has passed, a lone process deletes its solo row
+    and its watcher thread ends (an idle process costs nothing); its next claim makes it alone
+    again."""
+    path = tmp_path / "shared.sqlite3"
+    monkeypatch.setattr(shared_module, "SOLO_IDLE", 0.1)
+
+    def lone_rows() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return int(db.execute("SELECT count(*) FROM solo").fetchone()[0])
+
+    def watchers() -> int:
+        return sum(t.name == "polars-llm-shared-watch" for t in threading.enumerate())
+
+    async def main() -> list[int]:
+        home = SqliteState(path)
+        before = watchers()
+        await home.claim("k", 0.1)
+        seen = [lone_rows(), watchers() - before]
+        while lone_rows():  # the run's timeout fails the test if it never ends
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        seen += [watchers() - before]
+        await home.claim("k2", 60.0)
+        seen += [lone_rows(), watchers() - before]
+        await home.aclose()
+        return seen
+
+    assert run(main) == [1, 1, 0, 1, 1]
 
 
 def test_a_lone_process_that_stops_looking_holds_a_newcomer_back_for_solo_wait_only(
