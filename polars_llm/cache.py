@@ -309,36 +309,41 @@ class ResultCache:
                 self._writer.start()
 
     def _write_loop(self) -> None:
-        while True:
-            items = [self._queue.get()]
-            self._urgent.clear()  # a flush queued from now on cuts the gathering short
-            # Let a busy run's answers gather (see _GATHER): a look after _GATHER, and at a busy
-            # run's pace one more at _GATHER_BUSY, each time draining what else is waiting. Two
-            # wakes, not one per _GATHER: each wake takes the GIL from the event loop. A flush
-            # or a stop waits for nothing.
-            gather = _GATHER
-            while _is_entry(items[-1]) and gather > 0:
-                self._urgent.wait(gather)
-                before = len(items)
-                while True:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if not all(_is_entry(i) for i in items[before:]) or len(items) - before < _BUSY:
+        # One method call per transaction: nothing it held (answers, and through their owners
+        # whole batches) outlives it while the thread waits for the next answer.
+        while self._write_next():
+            pass
+        # This thread's own connection: the last one to close cleans up the WAL files.
+        if self._cache is not None:
+            self._cache.close()
+
+    def _write_next(self) -> bool:
+        """Wait for answers, gather, write them in one transaction; False after a stop."""
+        items = [self._queue.get()]
+        self._urgent.clear()  # a flush queued from now on cuts the gathering short
+        # Let a busy run's answers gather (see _GATHER): a look after _GATHER, and at a busy
+        # run's pace one more at _GATHER_BUSY, each time draining what else is waiting. Two
+        # wakes, not one per _GATHER: each wake takes the GIL from the event loop. A flush
+        # or a stop waits for nothing.
+        gather = _GATHER
+        while _is_entry(items[-1]) and gather > 0:
+            self._urgent.wait(gather)
+            before = len(items)
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
                     break
-                gather = _GATHER_BUSY - _GATHER if gather == _GATHER else 0.0
-            entries = [i for i in items if _is_entry(i)]
-            if entries:
-                self._write(entries)
-            for item in items:
-                if isinstance(item, tuple) and item[0] is _FLUSH:
-                    item[1].set()
-            if any(i is _STOP for i in items):
-                # This thread's own connection: the last one to close cleans up the WAL files.
-                if self._cache is not None:
-                    self._cache.close()
-                return
+            if not all(_is_entry(i) for i in items[before:]) or len(items) - before < _BUSY:
+                break
+            gather = _GATHER_BUSY - _GATHER if gather == _GATHER else 0.0
+        entries = [i for i in items if _is_entry(i)]
+        if entries:
+            self._write(entries)
+        for item in items:
+            if isinstance(item, tuple) and item[0] is _FLUSH:
+                item[1].set()
+        return not any(i is _STOP for i in items)
 
     def _write(self, entries: list[tuple[str, str, object]]) -> None:
         cache = self._cache

@@ -964,6 +964,9 @@ class ClaimGate(Generic[T]):
                 and future.result()[0] == "claimed"
             ):
                 self.leave(key, answered=False)
+        renew = self._tasks["renew"]
+        if renew is not None and not self._held:
+            renew.cancel()  # nothing left to renew: its sleep would keep the batch alive
 
     def _ask(self, key: str) -> asyncio.Future[tuple[str, T | None]]:
         future: asyncio.Future[tuple[str, T | None]] = asyncio.get_running_loop().create_future()

@@ -380,3 +380,25 @@ def test_cached_answers_come_back_in_row_order_and_odd_entries_are_asked_again(
         "p5",
         "p6",
     ]
+
+
+def test_a_finished_batch_keeps_nothing_alive(server: FakeServer, tmp_path: Path) -> None:
+    """Once a cached run has returned, nothing of its batch stays in memory: the cache writer,
+    waiting for the next answers, held its last group of answers and, through their owner, the
+    whole batch with one outcome per prompt."""
+    import gc
+
+    from polars_llm.engine import Outcome
+
+    def outcomes() -> int:
+        gc.collect()
+        return sum(type(o) is Outcome for o in gc.get_objects())
+
+    before = outcomes()
+    out = frame(500).with_columns(
+        a=pl.col("q").llm.complete(
+            "{q}", base_url=server.base_url, api_key="k", cache_dir=tmp_path / "cache"
+        )
+    )
+    assert out["a"].null_count() == 0
+    assert outcomes() - before < 50
