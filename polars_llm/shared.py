@@ -268,6 +268,7 @@ class SqliteState:
         self._tried_solo = False
         self._solo_stop = threading.Event()
         self._solo_since_busy = 0.0  # time.monotonic() when claims were last seen held
+        self._watcher: threading.Thread | None = None  # looks for newcomers while alone
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -470,7 +471,10 @@ class SqliteState:
         with self._solo_lock:
             self._solo = collections.OrderedDict()
             self._solo_since_busy = time.monotonic()
-        threading.Thread(target=self._watch, name="polars-llm-shared-watch", daemon=True).start()
+        self._watcher = threading.Thread(
+            target=self._watch, name="polars-llm-shared-watch", daemon=True
+        )
+        self._watcher.start()
         return True
 
     def _lone_other(self, db: sqlite3.Connection, hung: bool) -> bool:

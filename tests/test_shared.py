@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -384,20 +383,20 @@ def test_a_lone_process_that_holds_no_claim_stops_being_alone_until_its_next_cla
         with contextlib.closing(sqlite3.connect(path)) as db:
             return int(db.execute("SELECT count(*) FROM solo").fetchone()[0])
 
-    def watchers() -> int:
-        return sum(t.name == "polars-llm-shared-watch" for t in threading.enumerate())
-
     async def main() -> list[int]:
         home = SqliteState(path)
-        before = watchers()
+
+        def watching() -> int:
+            return int(home._watcher is not None and home._watcher.is_alive())
+
         await home.claim("k", 0.1)
-        seen = [lone_rows(), watchers() - before]
+        seen = [lone_rows(), watching()]
         while lone_rows():  # the run's timeout fails the test if it never ends
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.1)
-        seen += [watchers() - before]
+        seen += [watching()]
         await home.claim("k2", 60.0)
-        seen += [lone_rows(), watchers() - before]
+        seen += [lone_rows(), watching()]
         await home.aclose()
         return seen
 
