@@ -647,10 +647,10 @@ class _Progress:
 
     def line(self, stats: PipelineStats) -> str:
         elapsed = max(time.monotonic() - self.t0, 1e-9)
-        return (
-            f"{PREFIX}: {stats.rows_done}/{self.total} rows, {_counts(stats)}, "
-            f"{stats.rows_done / elapsed:.0f} rows/s"
-        )
+        rate = stats.rows_done / elapsed
+        # A slow model (the embedded one does a row in seconds) would show "0 rows/s".
+        shown = f"{rate:.0f}" if rate >= 10 or rate == 0 else f"{rate:.2g}"
+        return f"{PREFIX}: {stats.rows_done}/{self.total} rows, {_counts(stats)}, {shown} rows/s"
 
     def update(self, stats: PipelineStats) -> None:
         if self.mode == "bar":

@@ -79,3 +79,19 @@ def test_a_notebook_shows_a_progress_bar(tmp_path: Path) -> None:
     # tqdm.auto draws a widget where ipywidgets is installed, else a text bar on stderr.
     assert widgets or "polars-llm" in text, outputs
     assert polars_llm.get_settings().progress is None
+
+
+@pytest.mark.parametrize(
+    ("rows", "seconds", "shown"), [(2, 5.0, "0.4"), (0, 5.0, "0"), (900, 4.0, "225")]
+)
+def test_the_progress_line_shows_a_slow_rate_with_its_digits(
+    rows: int, seconds: float, shown: str
+) -> None:
+    """Two rows in five seconds (the embedded model) read 0.4 rows/s, not 0 rows/s."""
+    from polars_llm.enrich import _Progress
+    from polars_llm.pipeline import PipelineStats
+
+    progress = _Progress(1000, show=False, log=None)
+    progress.t0 -= seconds
+    line = progress.line(PipelineStats(rows=1000, rows_done=rows))
+    assert line.endswith(f", {shown} rows/s")
