@@ -445,12 +445,7 @@ class SqliteState:
         """In a write transaction: this process's presence row, and the rows of processes gone.
         Returns how many other processes were registered, and how many of them are gone."""
         db.execute("INSERT OR REPLACE INTO presence VALUES (?, ?)", (self._owner, time.time()))
-        others = [
-            owner
-            for (owner,) in db.execute(
-                "SELECT owner FROM presence WHERE owner != ?", (self._owner,)
-            )
-        ]
+        others = self._others(db, "presence")
         gone = [(o,) for o in others if not _process_alive(o)]
         db.executemany("DELETE FROM presence WHERE owner = ?", gone)
         db.executemany("DELETE FROM solo WHERE owner = ?", gone)
@@ -477,19 +472,23 @@ class SqliteState:
         self._watcher.start()
         return True
 
-    def _lone_other(self, db: sqlite3.Connection, hung: bool) -> bool:
-        """In a write transaction: register, and whether another live process keeps its claims
-        in memory (it sees this process registered within SOLO_POLL). A lone process that has
-        not answered for SOLO_WAIT seconds (``hung``) loses its row."""
-        self._register(db)
-        lone = [
+    def _others(self, db: sqlite3.Connection, table: str) -> list[str]:
+        """The owners of the other processes in ``table`` (presence or solo)."""
+        return [
             owner
-            for (owner,) in db.execute("SELECT owner FROM solo WHERE owner != ?", (self._owner,))
+            for (owner,) in db.execute(
+                f"SELECT owner FROM {table} WHERE owner != ?", (self._owner,)
+            )
         ]
-        if lone and hung:
-            db.executemany("DELETE FROM solo WHERE owner = ?", [(o,) for o in lone])
-            return False
-        return bool(lone)
+
+    def _lone_other(self, db: sqlite3.Connection, hung: bool) -> bool:
+        """In a write transaction: whether another live process keeps its claims in memory (it
+        sees this process, registered by its first claim, within SOLO_POLL). A lone process
+        that has gone, or has not answered for SOLO_WAIT seconds (``hung``), loses its row."""
+        lone = self._others(db, "solo")
+        gone = [(o,) for o in lone if hung or not _process_alive(o)]
+        db.executemany("DELETE FROM solo WHERE owner = ?", gone)
+        return len(gone) < len(lone)
 
     def _watch(self) -> None:
         """While alone: look for a newcomer every SOLO_POLL seconds, then end being alone."""
@@ -521,12 +520,7 @@ class SqliteState:
             self._tried_solo = False
             return True
         db = self._connect()
-        others = [
-            owner
-            for (owner,) in db.execute(
-                "SELECT owner FROM presence WHERE owner != ?", (self._owner,)
-            )
-        ]
+        others = self._others(db, "presence")
         mine = db.execute("SELECT 1 FROM solo WHERE owner = ?", (self._owner,)).fetchone()
         if mine and not any(_process_alive(o) for o in others):
             return False
