@@ -325,8 +325,7 @@ class ResultCache:
         # run's pace one more at _GATHER_BUSY, each time draining what else is waiting. Two
         # wakes, not one per _GATHER: each wake takes the GIL from the event loop. A flush
         # or a stop waits for nothing.
-        gather = _GATHER
-        while _is_entry(items[-1]) and gather > 0:
+        for gather in (_GATHER, _GATHER_BUSY - _GATHER) if _is_entry(items[0]) else ():
             self._urgent.wait(gather)
             before = len(items)
             while True:
@@ -336,7 +335,6 @@ class ResultCache:
                     break
             if not all(_is_entry(i) for i in items[before:]) or len(items) - before < _BUSY:
                 break
-            gather = _GATHER_BUSY - _GATHER if gather == _GATHER else 0.0
         entries = [i for i in items if _is_entry(i)]
         if entries:
             self._write(entries)
