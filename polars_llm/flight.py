@@ -1,14 +1,15 @@
 """Single-flight: one call per key however many callers want its answer at once.
 
-The shared call runs as its own task. A caller that goes away (Ctrl-C, a cancelled batch) stops
-waiting without cancelling or failing the call for the others; only when the last caller has
-gone is the call cancelled, so nobody pays for an answer that no one waits for.
+The first caller of a key runs the call itself, in its own task: no task or shield per call, the
+common case (a prompt nobody else asks for at that moment) costs a dict entry. Callers arriving
+while it runs wait for its answer, each on a future of its own, so one that goes away (Ctrl-C,
+a cancelled batch) stops waiting without disturbing the others. If the caller running the call
+goes away, the call stops with it, and one of those still waiting starts it again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -16,11 +17,15 @@ T = TypeVar("T")
 
 
 class _Flight(Generic[T]):
-    __slots__ = ("task", "waiters")
+    __slots__ = ("waiters",)
 
-    def __init__(self, task: asyncio.Task[T]) -> None:
-        self.task = task
-        self.waiters = 0
+    def __init__(self) -> None:
+        # The futures of the callers waiting for this call's answer; None until the first.
+        self.waiters: list[asyncio.Future[T]] | None = None
+
+
+class _Restart(Exception):
+    """The caller running a call went away before it ended: a waiter starts it again."""
 
 
 class SingleFlight(Generic[T]):
@@ -37,27 +42,41 @@ class SingleFlight(Generic[T]):
 
     async def run(self, key: str, start: Callable[[], Awaitable[T]]) -> T:
         """The answer of the call for ``key``: joined if one is under way, else ``start()``-ed."""
-        flight = self._flights.get(key)
-        if flight is None:
-            task: asyncio.Task[T] = asyncio.ensure_future(start())
-            flight = self._flights[key] = _Flight(task)
-            task.add_done_callback(functools.partial(self._done, key, flight))
-        flight.waiters += 1
+        flights = self._flights
+        while key in flights:
+            try:
+                return await self._join(flights[key])
+            except _Restart:
+                continue  # the first waiter to wake starts it; the others join that
+        flight = flights[key] = _Flight()
         try:
-            return await asyncio.shield(flight.task)
-        finally:
-            flight.waiters -= 1
-            if flight.waiters == 0 and not flight.task.done():
-                # Nobody waits any more: stop paying for it. Forget it now, so that a caller
-                # arriving before the cancellation lands starts a fresh call.
-                self._forget(key, flight)
-                flight.task.cancel()
+            result = await start()
+        except Exception as e:
+            del flights[key]
+            self._tell(flight, None, e)
+            raise
+        except BaseException:  # cancelled (or the process stopping): not the call's answer
+            del flights[key]
+            self._tell(flight, None, _Restart())
+            raise
+        del flights[key]
+        self._tell(flight, result, None)
+        return result
 
-    def _done(self, key: str, flight: _Flight[T], task: asyncio.Task[T]) -> None:
-        self._forget(key, flight)
+    @staticmethod
+    async def _join(flight: _Flight[T]) -> T:
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if flight.waiters is None:
+            flight.waiters = []
+        flight.waiters.append(waiter)
+        return await waiter  # a cancelled caller cancels only its own future
 
-    def _forget(self, key: str, flight: _Flight[T]) -> None:
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        if flight.task.done() and not flight.task.cancelled():
-            flight.task.exception()  # retrieved: every waiter got it through shield
+    @staticmethod
+    def _tell(flight: _Flight[T], result: T | None, error: BaseException | None) -> None:
+        for waiter in flight.waiters or ():
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(result)  # type: ignore[arg-type]
+            else:
+                waiter.set_exception(error)
