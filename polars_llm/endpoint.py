@@ -109,6 +109,8 @@ class _Attempt:
 
     __slots__ = (
         "call",
+        "deadline",
+        "ended",
         "hedge",
         "hedges_left",
         "holds_slot",
@@ -136,9 +138,13 @@ class _Attempt:
         self.progress = progress
         self.hedges_left = hedges_left
         self.started = time.monotonic()
+        self.deadline = self.started + policy.timeout
         self.holds_slot = True
         self.hedge: asyncio.Task[Any] | None = None
         self.result: Any = _NOTHING
+        # Set by whoever cancels the task to end the request early: its hedge answered
+        # ("answered") or its time ran out ("timed out"). Only the first does.
+        self.ended: str | None = None
 
 
 class EndpointClient:
@@ -173,6 +179,9 @@ class EndpointClient:
         self._hedge_after = float("inf")
         self._inflight: dict[asyncio.Task[Any], _Attempt] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        # When the watchdog looks next, and the future its sleep ends with.
+        self._watch_at = float("inf")
+        self._watch_wake: asyncio.Future[None] | None = None
 
     def configure(self, settings: Settings) -> None:
         """Apply a batch's limits; the most recent batch's settings win for the endpoint."""
@@ -304,22 +313,24 @@ class EndpointClient:
         assert task is not None
         entry = _Attempt(task, call, tokens, policy, progress, hedges_left)
         self._inflight[task] = entry
+        # The watchdog ends a request whose time is up: no timer of its own per request.
         if self._watchdog is None:
             self._watchdog = asyncio.ensure_future(self._watch())
+        elif entry.deadline < self._watch_at:
+            self._wake_watchdog()
         try:
             try:
-                async with asyncio.timeout(policy.timeout):
-                    answer = await call()
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"no complete answer from {self.base_url} within the timeout "
-                    f"({policy.timeout:g} s)"
-                ) from None
+                answer = await call()
             except asyncio.CancelledError:
-                # The hedge answered first and cancelled us: take its answer, unless someone
-                # else wants this task cancelled too.
-                if entry.result is not _NOTHING and task.uncancel() == 0:
-                    return entry.result
+                # Ended early by the watchdog or by the hedge, unless someone else wants this
+                # task cancelled too.
+                if entry.ended is not None and task.uncancel() == 0:
+                    if entry.ended == "answered":
+                        return entry.result
+                    raise RequestTimeout(
+                        f"no complete answer from {self.base_url} within the timeout "
+                        f"({policy.timeout:g} s)"
+                    ) from None
                 raise
         except RowError as e:
             if e.status is not None:
@@ -356,13 +367,35 @@ class EndpointClient:
             self._hedge_after = max(HEDGE_FLOOR, HEDGE_FACTOR * p95)
 
     async def _watch(self) -> None:
-        """Hedge the requests that hang, while any request is in flight."""
+        """End the requests whose time is up and hedge those that hang, while any request is
+        in flight: every WATCH_EVERY seconds, and when the next timeout is due."""
+        loop = asyncio.get_running_loop()
         try:
             while self._inflight:
-                await asyncio.sleep(WATCH_EVERY)
+                now = time.monotonic()
+                first = min(
+                    (e.deadline for e in self._inflight.values() if e.ended is None),
+                    default=now + WATCH_EVERY,
+                )
+                delay = max(0.0, min(WATCH_EVERY, first - now))
+                self._watch_at = now + delay
+                self._watch_wake = wake = loop.create_future()
+                timer = loop.call_later(delay, _wake, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    self._watch_at = float("inf")
+                    self._watch_wake = None
+                now = time.monotonic()
                 after = self._hedge_after
-                hung_since = time.monotonic() - after
+                hung_since = now - after
                 for entry in list(self._inflight.values()):
+                    if entry.deadline <= now:
+                        if entry.ended is None:
+                            entry.ended = "timed out"
+                            entry.task.cancel()
+                        continue
                     # A short timeout ends a hung request soon enough by itself; hedging just
                     # before it would pay twice for answers that were merely slow.
                     if (
@@ -373,6 +406,11 @@ class EndpointClient:
                         self._hedge(entry)
         finally:
             self._watchdog = None
+
+    def _wake_watchdog(self) -> None:
+        """A request due before the watchdog's next look: have it look now."""
+        if self._watch_wake is not None:
+            _wake(self._watch_wake)
 
     def _hedge(self, entry: _Attempt) -> None:
         # A hung request must not hold a concurrency slot: after a 429 cut the limit, a few
@@ -392,10 +430,17 @@ class EndpointClient:
         def first_answer_wins(t: asyncio.Task[Any], entry: _Attempt = entry) -> None:
             if t.cancelled() or t.exception() is not None or entry.task.done():
                 return  # the original may still answer, or time out
-            entry.result = t.result()
-            entry.task.cancel()
+            if entry.ended is None:
+                entry.ended = "answered"
+                entry.result = t.result()
+                entry.task.cancel()
 
         hedge.add_done_callback(first_answer_wins)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _exhausted(error: RetryableError, attempts: int) -> RowError:

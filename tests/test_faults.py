@@ -420,3 +420,49 @@ def test_truncated_answers_cached_earlier_are_not_served_when_they_became_errors
     out = df.with_columns(a=pl.col("q").llm.complete(max_tokens=2, details=True)).unnest("a")
     assert server.stats().calls == calls + 1
     assert out["error"][0].startswith("Truncated")
+
+
+def test_a_short_timeout_ends_its_request_on_time_beside_longer_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Timeouts are kept by the endpoint's watchdog, not a timer per request: a request with a
+    short timeout, sent while one with a long timeout is in flight, still ends at its own
+    deadline, not at the watchdog's next regular look."""
+    import asyncio
+
+    from polars_llm import endpoint
+    from polars_llm.errors import RequestTimeout
+    from polars_llm.progress import Progress
+
+    monkeypatch.setattr(endpoint, "WATCH_EVERY", 30.0)
+    settings = Settings(base_url="http://127.0.0.1:9/v1", api_key="k", cache=False)
+    ended: list[str] = []
+
+    async def main() -> None:
+        client = endpoint.EndpointClient(settings.base_url, "k", "m", settings)
+        client.configure(settings)
+
+        async def answer_late() -> str:
+            await asyncio.sleep(1.0)
+            return "late"
+
+        async def hang() -> str:
+            await asyncio.Event().wait()
+            return "never"
+
+        async def send(name: str, call: Any, timeout: float) -> None:
+            policy = endpoint.RetryPolicy(timeout, 1, 60.0, 0.01, 0.01)
+            try:
+                await client.send(call, tokens=1, policy=policy, progress=Progress())
+                ended.append(f"{name} answered")
+            except RequestTimeout as e:
+                assert f"({timeout:g} s)" in str(e)
+                ended.append(f"{name} timed out")
+
+        slow = asyncio.ensure_future(send("slow", answer_late, 20.0))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(slow, send("short", hang, 0.1))
+        await client.aclose()
+
+    asyncio.run(main())
+    assert ended == ["short timed out", "slow answered"]
