@@ -250,12 +250,17 @@ class Limiter:
 
     async def _admit(self, cost: float) -> None:
         while True:
-            if self._goes_at_once(cost):
-                break
+            # One reading of the clock for the cooldown and the budget: a sleep may end a
+            # little before its time (uvloop's timers count whole milliseconds), and a request
+            # with no budget to take must never reach the budget's arithmetic.
             now = self._clock()
             wait = self._cooldown_until - now
             if wait > 0:
                 await asyncio.sleep(wait)
+                continue
+            if not cost:
+                if self._goes_at_once(cost):
+                    break
                 continue
             start = max(self._cursor, now - CATCH_UP)
             if start + cost > self._granted_until + 1e-9:

@@ -791,3 +791,33 @@ def test_a_burst_sent_before_the_limit_was_known_is_charged_to_the_shared_timeli
 
     held = run(main)
     assert held == pytest.approx(5 * 60 / (600 * RATE_SHARE), rel=0.01)
+
+
+class EarlyWakingClock(VirtualClock):
+    """Sleeps end half a millisecond early (uvloop's timers count whole milliseconds), and time
+    moves on a little between two readings."""
+
+    def __call__(self) -> float:
+        self.now += 0.0003
+        return self.now
+
+    async def sleep(self, delay: float, result: Any = None) -> Any:
+        return await super().sleep(max(0.0, delay - 0.0005), result)
+
+
+def test_a_cooldown_ended_by_an_early_sleep_admits_requests_without_a_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With no rate limit, a request held by a cooldown goes once it is over, even when the
+    sleep ends just before it and the clock passes it between two readings."""
+    early = EarlyWakingClock()
+    monkeypatch.setattr(limiter_module, "asyncio", _AsyncioWithVirtualSleep(early.sleep))
+
+    async def main() -> float:
+        limiter = Limiter(4, clock=early)
+        limiter.on_rate_limited(1.0)
+        until = early.now + 1.0
+        await asyncio.gather(*(acquire_many(limiter, 1) for _ in range(3)))
+        return early.now - until
+
+    assert run(main) >= 0
