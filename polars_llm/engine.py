@@ -109,11 +109,34 @@ class Outcome:
 # --------------------------------------------------------------------------------------------
 # The process-wide loop
 # --------------------------------------------------------------------------------------------
+def new_engine_loop() -> asyncio.AbstractEventLoop:
+    """The engine's event loop: uvloop's where it is installed (it is a dependency on Linux and
+    macOS), else asyncio's; ``POLARS_LLM_EVENT_LOOP=asyncio`` asks for asyncio's.
+
+    The loop is the engine's own, in its own thread: the program's loops and event loop policy
+    are left alone. uvloop's loop spends 10-20 % less CPU per request (docs/benchmarks.md).
+    """
+    choice = os.environ.get("POLARS_LLM_EVENT_LOOP", "").strip().lower() or "uvloop"
+    if choice not in ("uvloop", "asyncio"):
+        raise ConfigError(
+            f"POLARS_LLM_EVENT_LOOP={choice!r} is not a known event loop; "
+            "use 'uvloop' (the default) or 'asyncio'"
+        )
+    if choice == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            pass  # not installed (Windows): asyncio's loop
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 class EngineLoop:
     """One event loop in a daemon thread, shared by every batch of the process."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_engine_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="polars-llm-engine", daemon=True
         )

@@ -402,3 +402,52 @@ def test_a_finished_batch_keeps_nothing_alive(server: FakeServer, tmp_path: Path
     )
     assert out["a"].null_count() == 0
     assert outcomes() - before < 50
+
+
+# -- the engine's event loop -------------------------------------------------------------------
+LOOP_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    import polars as pl
+    import polars_llm
+    from polars_llm.engine import engine_loop
+
+    df = pl.DataFrame({"q": ["a", "b"]})
+    out = df.with_columns(a=pl.col("q").llm.complete(base_url=sys.argv[1], api_key="k", cache=False))
+    assert out["a"].null_count() == 0
+    print(type(engine_loop().loop).__module__)
+    # The program's own loops stay asyncio's.
+    print(type(asyncio.new_event_loop()).__module__)
+    """
+)
+
+
+@pytest.mark.parametrize(("choice", "module"), [("", "uvloop"), ("asyncio", "asyncio.unix_events")])
+def test_the_engine_loop_is_uvloops_unless_asked_for_asyncios(
+    server: FakeServer, choice: str, module: str
+) -> None:
+    env = {**os.environ, "POLARS_LLM_EVENT_LOOP": choice}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOOP_SCRIPT, server.base_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    engine, program = proc.stdout.split()
+    assert engine.startswith(module)
+    assert program == "asyncio.unix_events"
+
+
+def test_an_unknown_event_loop_choice_is_a_clear_error(server: FakeServer) -> None:
+    env = {**os.environ, "POLARS_LLM_EVENT_LOOP": "tokio"}
+    proc = subprocess.run(
+        [sys.executable, "-c", LOOP_SCRIPT, server.base_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "POLARS_LLM_EVENT_LOOP='tokio' is not a known event loop" in proc.stderr
