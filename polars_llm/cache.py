@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import queue
@@ -398,6 +399,14 @@ class ResultCache:
             return 0
         return int(self._cache.clear())
 
+    def release(self) -> None:
+        """Close, and let go of the database: every thread's connection to it closes now, and
+        answers put from now on are not stored (its folder is gone)."""
+        self.close()
+        # The connections are diskcache's, one per thread in a thread-local; they close when
+        # the Cache object goes, here rather than at some later garbage collection.
+        self._cache = None
+
     def close(self) -> None:
         """Write what is queued, stop the writer and close the database."""
         if self._writer is not None:
@@ -690,10 +699,26 @@ def _forget_caches_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_caches_in_child)
 
 
+def _forget_gone_folders() -> None:
+    """Close the caches whose folder was deleted (a test's temporary folder, say). Each open
+    cache holds a writer thread and a connection per thread that used it (three files each):
+    a long-lived process that used many temporary folders would otherwise run out of file
+    descriptors."""
+    gone = [path for path in _caches if not path.exists()]
+    for path in gone:
+        _caches.pop(path).release()
+    if gone:
+        # Connections other threads opened (the cache-read thread, Polars' threads) sit in a
+        # reference cycle of their own (sqlite3's statement cache): only a collection closes
+        # them. Once per deleted folder.
+        gc.collect()
+
+
 def open_cache(directory: Path | str) -> ResultCache:
     """The process-wide ResultCache for a folder, opened on first use."""
     path = Path(directory).expanduser().resolve()
     with _caches_lock:
+        _forget_gone_folders()
         cache = _caches.get(path)
         if cache is None:
             cache = _caches[path] = ResultCache(path)

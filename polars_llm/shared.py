@@ -597,20 +597,26 @@ class SqliteState:
 
     async def aclose(self) -> None:
         self._solo_stop.set()
-
-        def close() -> None:
-            if self._db is not None:
-                try:
-                    with contextlib.suppress(sqlite3.Error, OSError):
-                        self._end_alone(self._db)  # what a process still polling needs to see
-                finally:
-                    self._db.close()
-                    self._db = None
-
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, close)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_db)
         finally:
             self._executor.shutdown(wait=False)
+
+    def close_soon(self) -> None:
+        """``aclose`` without waiting: the work queued on the home's thread runs, then the
+        closing, then the thread ends."""
+        self._solo_stop.set()
+        self._executor.submit(self._close_db)
+        self._executor.shutdown(wait=False)
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            try:
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    self._end_alone(self._db)  # what a process still polling needs to see
+            finally:
+                self._db.close()
+                self._db = None
 
 
 def _drop_expired(claims: collections.OrderedDict[str, float], now: float) -> None:
@@ -1070,6 +1076,17 @@ def use_home(home: SharedState | None) -> None:
 os.register_at_fork(after_in_child=_forget_homes_in_child)
 
 
+def _forget_gone_folders() -> None:
+    """Close the SQLite homes whose cache folder was deleted (a test's temporary folder, say):
+    each holds a thread and a connection, which a long-lived process that used many temporary
+    folders would otherwise keep for good. A limiter still pointing at one is pointed at its
+    batch's home before it sends again (``Limiter.share``)."""
+    for where, home in list(_homes.items()):
+        if isinstance(home, SqliteState) and not home.path.parent.exists():
+            del _homes[where]
+            home.close_soon()
+
+
 def open_shared(settings: Settings) -> SharedState:
     """The process-wide home for these settings: Redis when a shared URL is given (or
     ``$POLARS_LLM_SHARED_URL`` is set), else a SQLite file in the cache folder, else this
@@ -1085,6 +1102,7 @@ def open_shared(settings: Settings) -> SharedState:
     else:
         where = ("process", "")
     with _homes_lock:
+        _forget_gone_folders()
         home = _homes.get(where)
         if home is None:
             if where[0] == "redis":

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -499,3 +500,38 @@ def test_cache_help_documents_export_import_and_exit_codes() -> None:
     for text in ("export", "import", "Exit codes:", "read-only", "64 hex digits"):
         assert text in result.stdout, text
     assert textwrap.dedent(result.stdout).count("polars-llm cache ") >= 4
+
+
+def test_deleted_cache_folders_leave_no_threads_or_open_files(tmp_path: Path) -> None:
+    """The README's test pattern, a temporary cache folder per test, run many times in one
+    process: each folder's writer thread, shared-state thread and SQLite connections are let
+    go once the folder is gone, so the process does not run out of file descriptors."""
+    import tempfile
+    import threading
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def one_test(server: FakeServer) -> None:
+        with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
+            out = pl.DataFrame({"q": ["a", "b"]}).with_columns(
+                a=pl.col("q").llm.complete(
+                    base_url=server.base_url, api_key="k", cache_dir=folder, progress=False
+                )
+            )
+            assert out["a"].null_count() == 0
+
+    with FakeServer() as server:
+        for _ in range(3):  # what the first runs start once (the engine, its pools)
+            one_test(server)
+        threads, files = threading.active_count(), fds()
+        for _ in range(30):
+            one_test(server)
+        # The last folder's resources are let go only when a later call finds it gone.
+        cache_module.open_cache(tmp_path / "another")
+        for _ in range(50):  # the last folders' threads end after closing their connections
+            if threading.active_count() <= threads:
+                break
+            time.sleep(0.1)
+        assert threading.active_count() <= threads + 1
+        assert fds() <= files + 6  # before: 10 more per folder, 300 here
