@@ -422,18 +422,22 @@ LOOP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("choice", "module"), [("", "uvloop"), ("asyncio", "asyncio.unix_events")])
-def test_the_engine_loop_is_uvloops_unless_asked_for_asyncios(
-    server: FakeServer, choice: str, module: str
-) -> None:
-    env = {**os.environ, "POLARS_LLM_EVENT_LOOP": choice}
-    proc = subprocess.run(
+def run_with_event_loop(choice: str, server: FakeServer) -> subprocess.CompletedProcess[str]:
+    """LOOP_SCRIPT in a fresh process with ``$POLARS_LLM_EVENT_LOOP`` set to ``choice``."""
+    return subprocess.run(
         [sys.executable, "-c", LOOP_SCRIPT, server.base_url],
-        env=env,
+        env={**os.environ, "POLARS_LLM_EVENT_LOOP": choice},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(("choice", "module"), [("", "uvloop"), ("asyncio", "asyncio.unix_events")])
+def test_the_engine_loop_is_uvloops_unless_asked_for_asyncios(
+    server: FakeServer, choice: str, module: str
+) -> None:
+    proc = run_with_event_loop(choice, server)
     assert proc.returncode == 0, proc.stderr
     engine, program = proc.stdout.split()
     assert engine.startswith(module)
@@ -441,13 +445,6 @@ def test_the_engine_loop_is_uvloops_unless_asked_for_asyncios(
 
 
 def test_an_unknown_event_loop_choice_is_a_clear_error(server: FakeServer) -> None:
-    env = {**os.environ, "POLARS_LLM_EVENT_LOOP": "tokio"}
-    proc = subprocess.run(
-        [sys.executable, "-c", LOOP_SCRIPT, server.base_url],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_with_event_loop("tokio", server)
     assert proc.returncode != 0
     assert "POLARS_LLM_EVENT_LOOP='tokio' is not a known event loop" in proc.stderr
