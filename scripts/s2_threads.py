@@ -61,11 +61,9 @@ def _thread_cpu() -> dict[str, float]:
     return {k: round(v, 2) for k, v in seconds.items() if v >= 0.1}
 
 
-def main() -> None:
-    mode = sys.argv[1] if len(sys.argv) > 1 else "default"
-    modes = set(mode.split(","))
-    _switch_off(modes)
-    n = int(os.environ.get("N", 20_000))
+def run_s2(n: int, cache: bool = True) -> tuple[float, float]:
+    """S2 once, through the public API on a fresh server: req/s, and client CPU in ms per
+    request (every thread of this process)."""
     with spawn_server() as server, tempfile.TemporaryDirectory() as tmp:
         settings = polars_llm.Settings(
             base_url=server.base_url,
@@ -73,14 +71,22 @@ def main() -> None:
             model="m",
             concurrency=64,
             cache_dir=Path(tmp) / "cache",
-            cache="nocache" not in modes,
+            cache=cache,
             progress=False,
         )
         df = pl.DataFrame({"q": [f"p{i}" for i in range(n)]})
         cpu, start = time.process_time(), time.perf_counter()
         df.with_columns(a=pl.col("q").llm.complete("Say {q}", settings=settings))
         cpu, wall = time.process_time() - cpu, time.perf_counter() - start
-    print(f"{mode:22} {n / wall:,.0f} req/s, {1000 * cpu / n:.3f} ms/req  {_thread_cpu()}")
+    return n / wall, 1000 * cpu / n
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "default"
+    modes = set(mode.split(","))
+    _switch_off(modes)
+    rate, cpu = run_s2(int(os.environ.get("N", 20_000)), cache="nocache" not in modes)
+    print(f"{mode:22} {rate:,.0f} req/s, {cpu:.3f} ms/req  {_thread_cpu()}")
 
 
 if __name__ == "__main__":
