@@ -19,7 +19,8 @@ What it serves:
 - ``POST /v1/embeddings``: deterministic unit-norm vectors (equal texts, equal vectors).
 - ``GET /v1/models``: the configured models, or ``fake-model``.
 - ``GET /_fake/stats`` and ``POST /_fake/reset``: the counters, for a server in another
-  process (see :func:`spawn_server`).
+  process (see :func:`spawn_server`); ``GET /_fake/timeline``: when each call arrived and
+  was answered (:meth:`FakeServer.timeline`).
 - ``/v1/files`` and ``/v1/batches``: the Batch API, on a clock tests can advance
   (``advance_batches``, ``POST /_fake/batches/advance``); see :mod:`polars_llm._fake_batches`.
 
@@ -34,6 +35,7 @@ its base URL as the first line of its output.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import base64
 import contextlib
@@ -65,6 +67,7 @@ from .options import CHAT_PARAMS, EMBED_PARAMS
 __all__ = [
     "FakeServer",
     "FakeStats",
+    "FakeTimeline",
     "RemoteFakeServer",
     "embedding_vector",
     "estimate_tokens",
@@ -116,6 +119,19 @@ class FakeStats:
         data = dict(data)
         data["status_counts"] = {int(k): v for k, v in data.get("status_counts", {}).items()}
         return cls(**data)
+
+
+@dataclass
+class FakeTimeline:
+    """When each call arrived and when it was answered since the server started or was last
+    reset, in ``time.monotonic()`` seconds: one clock for every process of the machine, so a
+    client can set the times against its own (benchmarks read the pace of a run from it)."""
+
+    arrived: list[float] = field(default_factory=list)
+    """Arrival of every chat and embeddings call, in order."""
+    answered: list[float] = field(default_factory=list)
+    """The moment each answer (of any status) was handed to the connection, in order; calls
+    cut short (hung, reset, cancelled) have none."""
 
 
 def estimate_tokens(text: str) -> int:
@@ -240,6 +256,9 @@ class FakeServer:
         self._lock = threading.Lock()
         self._stats = FakeStats()
         self._history: list[dict] = []
+        # Doubles in arrays: 8 bytes a call, for servers that answer millions.
+        self._arrived = array.array("d")
+        self._answered = array.array("d")
         self._ids = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -326,6 +345,13 @@ class FakeServer:
             in_flight = self._stats.in_flight
             self._stats = FakeStats(in_flight=in_flight, max_in_flight=in_flight)
             self._history = []
+            self._arrived = array.array("d")
+            self._answered = array.array("d")
+
+    def timeline(self) -> FakeTimeline:
+        """When each call since the start or the last reset arrived and was answered."""
+        with self._lock:
+            return FakeTimeline(arrived=self._arrived.tolist(), answered=self._answered.tolist())
 
     def advance_batches(self, seconds: float) -> None:
         """Move the batches' clock ``seconds`` forward (safe from any thread)."""
@@ -351,6 +377,7 @@ class FakeServer:
         app.router.add_get("/v1/models/{model}", self._get_model)
         app.router.add_get("/_fake/stats", self._stats_endpoint)
         app.router.add_post("/_fake/reset", self._reset_endpoint)
+        app.router.add_get("/_fake/timeline", self._timeline_endpoint)
         self._batches.add_routes(app)
         # handler_cancellation: a client that gives up (timeout) ends its request here
         # too, so in_flight counts what clients are still waiting for.
@@ -380,6 +407,9 @@ class FakeServer:
 
     async def _stats_endpoint(self, request: web.Request) -> web.Response:
         return web.json_response(asdict(self.stats()))
+
+    async def _timeline_endpoint(self, request: web.Request) -> web.Response:
+        return web.json_response(asdict(self.timeline()))
 
     async def _reset_endpoint(self, request: web.Request) -> web.Response:
         self.reset_stats()
@@ -419,6 +449,7 @@ class FakeServer:
         if task is not None:
             self._tasks.add(task)
         with self._lock:
+            self._arrived.append(time.monotonic())
             stats = self._stats
             stats.calls += 1
             if chat:
@@ -439,6 +470,8 @@ class FakeServer:
                 stats.in_flight = max(0, stats.in_flight - 1)
                 if status is not None:
                     stats.status_counts[status] = stats.status_counts.get(status, 0) + 1
+                    if status:  # 0: the connection was reset
+                        self._answered.append(time.monotonic())
             if task is not None:
                 self._tasks.discard(task)
 
@@ -1133,6 +1166,11 @@ class RemoteFakeServer:
         request = urllib.request.Request(f"{self._root}/_fake/reset", data=b"", method="POST")
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
+
+    def timeline(self) -> FakeTimeline:
+        """The server's timeline, fetched from GET /_fake/timeline."""
+        with urllib.request.urlopen(f"{self._root}/_fake/timeline", timeout=30) as response:
+            return FakeTimeline(**json.loads(response.read()))
 
     def advance_batches(self, seconds: float) -> None:
         """Move the server's batch clock forward with POST /_fake/batches/advance."""

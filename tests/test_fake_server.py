@@ -439,6 +439,40 @@ def test_in_process_server_serves_stats_over_http(server):
     assert server.stats().calls == 0
 
 
+def test_timeline_sets_each_call_on_the_clients_clock():
+    """timeline() gives each call's arrival and answer on time.monotonic(), answers after
+    arrivals by about the latency; a reset connection arrives but is never answered."""
+    with FakeServer(latency=0.05) as server:
+        c = client(server)
+        before = time.monotonic()
+        ask(c, "one")
+        ask(c, "two")
+        after = time.monotonic()
+        timeline = server.timeline()
+        assert len(timeline.arrived) == len(timeline.answered) == 2
+        assert before <= timeline.arrived[0] <= timeline.arrived[1] <= after
+        for arrived, answered in zip(timeline.arrived, timeline.answered, strict=True):
+            assert 0.05 <= answered - arrived < after - before
+        server.reset_stats()
+        assert server.timeline().arrived == []
+    with FakeServer(reset_rate=1.0) as server, pytest.raises(openai.APIConnectionError):
+        ask(client(server), "cut")
+    timeline = server.timeline()
+    assert len(timeline.arrived) == 1 and timeline.answered == []
+
+
+def test_spawned_server_serves_its_timeline():
+    """A server in another process gives its timeline over HTTP, on this process's clock."""
+    with spawn_server() as remote:
+        before = time.monotonic()
+        ask(client(remote), "hi")
+        timeline = remote.timeline()
+        assert len(timeline.arrived) == len(timeline.answered) == 1
+        assert before <= timeline.arrived[0] <= timeline.answered[0] <= time.monotonic()
+        remote.reset_stats()
+        assert remote.timeline().answered == []
+
+
 def test_parallel_threads_share_one_server(server):
     """Many client threads at once all get their own echo, and every call is counted."""
     c = client(server)
