@@ -193,6 +193,12 @@ class Limiter:
             self.release()
             raise
 
+    def look_around_soon(self) -> None:
+        """Start meeting the home now (on the loop), so that the first request finds it done
+        rather than waiting a round trip to the home behind the batch's first claims."""
+        if self._presence is None and not self._alone:
+            self._presence = asyncio.ensure_future(self._ask_presence())
+
     async def _look_around(self) -> None:
         """Before the first request: probe if others may burst beside us (see the class doc)."""
         if self._presence is None:

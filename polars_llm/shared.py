@@ -861,6 +861,10 @@ POLL_MAX = 2.0
 # A gate's window of claims asked ahead doubles each time a request had to wait for its claim
 # (the round trip took longer than the window's lead), up to this many times its first size.
 WINDOW_GROWTH = 16
+# The first round trip asks at most this many keys, and each round trip doubles that up to the
+# gate's window. A first window of thousands of keys woke a thousand requests in one turn of the
+# loop, and the first connections waited behind them all.
+FIRST_WINDOW = 32
 
 
 async def claim_or_find(
@@ -904,8 +908,9 @@ class ClaimGate(Generic[T]):
     ) -> None:
         self.home = home
         self._find_many = find_many
-        self._window = max(1, window)
-        self._max_window = self._window * WINDOW_GROWTH
+        self._base = max(1, window)
+        self._window = min(self._base, FIRST_WINDOW)
+        self._max_window = self._base * WINDOW_GROWTH
         self._rounds = 0  # groups answered
         self._grown_at = 0  # self._rounds when the window last grew
         self._asked: dict[str, asyncio.Future[tuple[str, T | None]]] = {}
@@ -1017,6 +1022,8 @@ class ClaimGate(Generic[T]):
                         future.exception()
                 continue
             self._rounds += 1
+            if self._window < self._base:
+                self._window = min(self._base, 2 * self._window)
             claimed = dict(zip(missing, taken, strict=True))
             for (key, future), hit in zip(group, found, strict=True):
                 if hit is not None:

@@ -25,6 +25,7 @@ and both bound every request the same way:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
 import json
 import re
@@ -61,6 +62,16 @@ CHAT_BODY_CAP = 16 * 1024 * 1024
 EMBED_BODY_CAP = 128 * 1024 * 1024
 # Connecting may take at most this long (or the timeout, if shorter).
 CONNECT_TIMEOUT = 10.0
+
+# While a transport's pool fills (its first C requests), at most this many requests at a time
+# go into aiohttp before they have a connection; each lets the next one in once it has its
+# connection. Let in all at once, C requests advance a step each per turn of the loop, every
+# connection is half made before any is whole, and at C=1,024 the first request went out after
+# 450-700 ms; now after 15-30 ms, and the others follow one by one.
+OPENING = 32
+# A request that waits its turn longer than this goes anyway (behind connects to a blackholed
+# host, the queue would otherwise wait a connect timeout for each OPENING requests).
+OPENING_WAIT = 1.0
 
 TransportKind = Literal["aiohttp", "openai"]
 
@@ -118,6 +129,57 @@ def make_transport(
 # --------------------------------------------------------------------------------------------
 # The lean transport
 # --------------------------------------------------------------------------------------------
+class _Turn:
+    """A request's place among the ``OPENING`` let in while the pool fills; given back once."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: asyncio.Semaphore) -> None:
+        self._gate: asyncio.Semaphore | None = gate
+
+    def give_back(self) -> None:
+        if self._gate is not None:
+            self._gate.release()
+            self._gate = None
+
+
+# The turn of the request the current task is sending, seen by the connector.
+_TURN: contextvars.ContextVar[_Turn | None] = contextvars.ContextVar(
+    "polars_llm_turn", default=None
+)
+
+
+class _FillingConnector(aiohttp.TCPConnector):
+    """A TCPConnector that lets its first ``fill`` requests at it ``OPENING`` at a time.
+
+    ``turn()`` waits for a place while the pool fills; ``connect`` gives it back once the request
+    has its connection (new, reused or failed). After ``fill`` requests nothing waits.
+    """
+
+    def __init__(self, fill: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.filling = max(1, fill)  # requests still to let in one turn at a time
+        self._gate = asyncio.Semaphore(OPENING)
+
+    async def turn(self) -> _Turn | None:
+        self.filling -= 1
+        try:
+            async with asyncio.timeout(OPENING_WAIT):
+                await self._gate.acquire()
+        except TimeoutError:  # the requests ahead are stuck connecting: go anyway
+            return None
+        turn = _Turn(self._gate)
+        _TURN.set(turn)
+        return turn
+
+    async def connect(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().connect(*args, **kwargs)
+        finally:
+            if (turn := _TURN.get()) is not None:
+                turn.give_back()
+
+
 class AiohttpTransport:
     """One ``aiohttp.ClientSession`` for one endpoint and key, on the loop that first uses it."""
 
@@ -134,11 +196,15 @@ class AiohttpTransport:
         # them. Its cap is a backstop with room to spare, so that a request sent beside a hung
         # one (a hedge) never waits for a socket.
         self._pool_size = 2 * max(1, concurrency)
+        self._concurrency = max(1, concurrency)
         self._session: aiohttp.ClientSession | None = None
+        self._connector: _FillingConnector | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         # Created on first use, on the loop that runs the requests: a session belongs to one loop.
-        connector = aiohttp.TCPConnector(limit=self._pool_size, limit_per_host=0)
+        self._connector = connector = _FillingConnector(
+            self._concurrency, limit=self._pool_size, limit_per_host=0
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers={
@@ -179,6 +245,8 @@ class AiohttpTransport:
             payload = orjson.dumps(body)
         except TypeError:  # what orjson refuses (e.g. integer keys), the standard library takes
             payload = json.dumps(body).encode()
+        connector = self._connector
+        turn = await connector.turn() if connector is not None and connector.filling > 0 else None
         try:
             async with session.post(url, data=payload) as response:
                 status = response.status
@@ -188,6 +256,10 @@ class AiohttpTransport:
             raise RequestTimeout(f"no answer from {self.base_url} within the timeout") from e
         except aiohttp.ClientError as e:
             raise ConnectionFailed(f"connection to {self.base_url} failed: {e}") from e
+        finally:
+            if turn is not None:  # never reached the connector (failed or cancelled before)
+                turn.give_back()
+                _TURN.set(None)
         if status >= 300:
             raise status_error(status, _error_body(raw), headers, self.base_url)
         return decode_json(raw), headers

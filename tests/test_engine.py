@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -9,7 +10,9 @@ import sys
 import textwrap
 import time
 import warnings
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import diskcache
 import polars as pl
@@ -17,7 +20,7 @@ import pytest
 
 import polars_llm
 from polars_llm.cache import CacheWarning
-from polars_llm.engine import Batch, CallSpec, engine_loop
+from polars_llm.engine import START_STEP, Batch, CallSpec, engine_loop, gather_all
 from polars_llm.options import CHAT_PARAMS
 from polars_llm.testing import FakeServer, spawn_server
 
@@ -448,3 +451,31 @@ def test_an_unknown_event_loop_choice_is_a_clear_error(server: FakeServer) -> No
     proc = run_with_event_loop("tokio", server)
     assert proc.returncode != 0
     assert "POLARS_LLM_EVENT_LOOP='tokio' is not a known event loop" in proc.stderr
+
+
+def test_workers_start_a_step_at_a_time_and_a_failure_starts_no_more() -> None:
+    """gather_all starts START_STEP workers per turn of the loop: the first ones run (and reach
+    their connections) before the last are made. A worker that fails stops the starting."""
+    made: list[int] = []
+
+    async def worker(i: int, fail: bool) -> None:
+        seen_at_start.append(len(made))
+        if fail and i == 0:
+            raise ValueError("the first worker failed")
+        await asyncio.sleep(0.01)
+
+    def workers(n: int, fail: bool) -> Iterator[Coroutine[Any, Any, None]]:
+        for i in range(n):
+            made.append(i)
+            yield worker(i, fail)
+
+    n = 8 * START_STEP
+    seen_at_start: list[int] = []
+    asyncio.run(gather_all(workers(n, fail=False)))
+    assert len(seen_at_start) == n
+    assert seen_at_start[0] <= START_STEP < n  # the first ran when a step of them was made
+    made.clear()
+    seen_at_start.clear()
+    with pytest.raises(ValueError, match="first worker failed"):
+        asyncio.run(gather_all(workers(n, fail=True)))
+    assert len(made) <= 2 * START_STEP < n

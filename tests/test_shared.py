@@ -26,6 +26,7 @@ from polars_llm import shared as shared_module
 from polars_llm.errors import ConfigError
 from polars_llm.settings import Settings
 from polars_llm.shared import (
+    FIRST_WINDOW,
     WINDOW_GROWTH,
     ClaimGate,
     InProcessState,
@@ -697,3 +698,40 @@ def test_a_gate_asks_further_ahead_while_requests_wait_for_their_claims(
     else:
         assert window == 4
         assert round_trips >= 400 / 4
+
+
+def test_a_gates_first_round_trip_is_small_and_the_next_ones_grow() -> None:
+    """The first round trip of a batch's claims asks at most FIRST_WINDOW keys, so the first
+    requests are not held back by thousands of claims; each round trip then doubles the lead
+    up to the gate's window."""
+
+    class Counted(InProcessState):
+        def __init__(self) -> None:
+            super().__init__()
+            self.groups: list[int] = []
+
+        async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+            self.groups.append(len(keys))
+            return await super().claim_many(keys, ttl)
+
+    async def main() -> tuple[list[int], list[str]]:
+        home = Counted()
+
+        async def find_many(keys: list[str]) -> list[str | None]:
+            return [None] * len(keys)
+
+        gate: ClaimGate[str] = ClaimGate(home, find_many, window=512)
+        keys = [f"k{i}" for i in range(2000)]
+        gate.plan(keys)
+        states = []
+        for key in keys:
+            state, _ = await gate.enter(key)
+            states.append(state)
+            gate.leave(key, answered=True)
+        gate.close()
+        return home.groups, states
+
+    groups, states = run(main)
+    assert states == ["claimed"] * 2000
+    assert groups[0] <= 1 + FIRST_WINDOW  # the key entered, and a first window ahead
+    assert max(groups) > 4 * FIRST_WINDOW  # grown towards the window of 512

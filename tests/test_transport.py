@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 import polars_llm
+from polars_llm import transport as transport_module
 from polars_llm.errors import (
     AuthError,
     BadRequest,
@@ -26,6 +27,7 @@ from polars_llm.errors import (
 from polars_llm.testing import FakeServer, embedding_vector, estimate_tokens
 from polars_llm.transport import (
     CHAT_BODY_CAP,
+    AiohttpTransport,
     Completion,
     Embeddings,
     TransportKind,
@@ -275,3 +277,68 @@ def test_dripping_body_row_times_out_through_the_api(kind: TransportKind) -> Non
         )
     assert out["value"].to_list() == ["echo: q0", None]
     assert out["error"][1].startswith("RequestTimeout:")
+
+
+def test_a_filling_pool_lets_requests_at_it_a_few_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While its pool fills, the transport lets at most OPENING requests at a time look for a
+    connection, so the first ones are sent before the others are half made; every request is
+    answered, and once the pool has filled nothing waits any more."""
+    looking = most = 0
+    connect = transport_module._FillingConnector.connect
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal looking, most
+        looking += 1
+        most = max(most, looking)
+        try:
+            return await connect(self, *args, **kwargs)
+        finally:
+            looking -= 1
+
+    monkeypatch.setattr(transport_module._FillingConnector, "connect", counted)
+    concurrency = 4 * transport_module.OPENING
+
+    async def main(base_url: str) -> tuple[list[str | None], int]:
+        transport = make_transport("aiohttp", base_url, "k", 10.0, concurrency)
+        assert isinstance(transport, AiohttpTransport)
+        try:
+            first = await asyncio.gather(
+                *(transport.chat(body(f"p{i}")) for i in range(concurrency))
+            )
+            filling_most = most
+            assert transport._connector is not None and transport._connector.filling <= 0
+            again = await asyncio.gather(
+                *(transport.chat(body(f"q{i}")) for i in range(concurrency))
+            )
+            return [c.text for c in first + again], filling_most
+        finally:
+            await transport.aclose()
+
+    with FakeServer(latency=0.05) as server:
+        texts, filling_most = asyncio.run(main(server.base_url))
+    assert texts == [f"echo: p{i}" for i in range(concurrency)] + [
+        f"echo: q{i}" for i in range(concurrency)
+    ]
+    assert 1 < filling_most <= transport_module.OPENING
+
+
+def test_a_request_whose_turn_never_comes_goes_anyway(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind OPENING requests stuck connecting, a request waits OPENING_WAIT, then goes."""
+    monkeypatch.setattr(transport_module, "OPENING_WAIT", 0.05)
+
+    async def main(base_url: str) -> str | None:
+        transport = make_transport("aiohttp", base_url, "k", 10.0, 64)
+        assert isinstance(transport, AiohttpTransport)
+        try:
+            connector = transport._open().connector
+            assert isinstance(connector, transport_module._FillingConnector)
+            for _ in range(transport_module.OPENING):  # every turn held by a stuck request
+                await connector._gate.acquire()
+            return (await transport.chat(body("late"))).text
+        finally:
+            await transport.aclose()
+
+    with FakeServer() as server:
+        assert asyncio.run(main(server.base_url)) == "echo: late"
