@@ -1110,6 +1110,9 @@ class BatchRun:
             "poll_max": poll_max,
         }
         self.sessions: dict[tuple[str, str, str], BatchSession] = {}
+        # Keys sent in this run's batches and not yet counted in a frame's tallies: their
+        # answers, read back from the cache, were paid by this run rather than served from it.
+        self.sent: set[str] = set()
 
     def session(self, settings: Settings) -> BatchSession:
         """The session for the endpoint and cache folder of ``settings``."""
@@ -1162,10 +1165,10 @@ class Evaluation:
     errors: list[str | None]
     # Per session and endpoint path, the requests still to send: key -> (engine batch, text).
     misses: Misses
-    cached: int = 0
     failed_by_reason: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    # Per step, each row's (key, outcome): the answers from the cache and the known errors.
+    answered: list[list[tuple[str, Outcome]]] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
 
 
 def evaluate(
@@ -1176,7 +1179,7 @@ def evaluate(
     A row stops at its first step whose answer is neither cached nor a known error; that
     request is returned among the misses, for the next batch round.
     """
-    from .engine import Batch
+    from .engine import Batch, Outcome
     from .pipeline import _as_text, _Template
 
     batches = [Batch(step.spec(settings)) for step in steps]
@@ -1186,6 +1189,8 @@ def evaluate(
         {c: strings[c][i] for c in inputs} for i in range(df.height)
     ]
     ev = Evaluation([[None] * df.height for _ in steps], [None] * df.height, {})
+    ev.answered = [[] for _ in steps]
+    ev.batches = batches
     alive = list(range(df.height))
     for k, (step, batch) in enumerate(zip(steps, batches, strict=True)):
         session = run.session(batch.settings.replace(model=batch.model))
@@ -1200,11 +1205,6 @@ def evaluate(
         unique = list(dict.fromkeys(texts.values()))
         keys, found = batch.lookup(unique)
         by_text = dict(zip(unique, zip(keys, found, strict=True), strict=True))
-        for o in found:
-            if o is not None:
-                ev.cached += 1
-                ev.prompt_tokens += o.prompt_tokens
-                ev.completion_tokens += o.completion_tokens
         still: list[int] = []
         for i in alive:
             if i not in texts:
@@ -1212,12 +1212,14 @@ def evaluate(
                 continue
             key, outcome = by_text[texts[i]]
             if outcome is not None:
+                ev.answered[k].append((key, outcome))
                 ev.results[k][i] = outcome.value
                 values[i][step.name] = _as_text(outcome.value)
                 still.append(i)
                 continue
             error = session.errors.get(key)
             if error is not None:
+                ev.answered[k].append((key, Outcome(error=error)))
                 ev.errors[i] = f"{step.name}: {error.reason}: {error.message}"
                 ev.failed_by_reason[error.reason] = ev.failed_by_reason.get(error.reason, 0) + 1
                 continue
@@ -1256,6 +1258,7 @@ def run_in_rounds(
             )
         previous = keys
         for (session, path), found in misses.items():
+            run.sent.update(found)
             session.send(
                 _Bodies(found),
                 path=path,
@@ -1306,10 +1309,42 @@ def pipeline_in_rounds(
     for reason, n in ev.failed_by_reason.items():
         stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + n
     stats.calls += run.lines_submitted - before
-    stats.cached += ev.cached
-    stats.prompt_tokens += ev.prompt_tokens
-    stats.completion_tokens += ev.completion_tokens
+    _count_steps(stats, steps, ev, run)
     return ev.results, ev.errors
+
+
+def _count_steps(
+    stats: PipelineStats, steps: Sequence[Step], ev: Evaluation, run: BatchRun
+) -> None:
+    """Each step's tallies, as the synchronous pipeline counts them: an answer per row, a
+    request per key this run's batches sent (one line each), tokens once per key, as paid or as
+    served from the cache. A key sent by this run counts as paid in the first frame that reads
+    it back, and as cached in later frames (as a prompt repeated across a synchronous run's
+    streaming batches is)."""
+    from .pipeline import StepStats, _tally
+
+    for step, batch, answered in zip(steps, ev.batches, ev.answered, strict=True):
+        tally = stats.steps.setdefault(step.name, StepStats())
+        tally.endpoint, tally.model = batch.base_url, batch.model
+        stats.endpoints[step.name] = (batch.base_url, batch.model)
+        seen: set[str] = set()
+        paid: set[str] = set()
+        for key, outcome in answered:
+            if key in run.sent:
+                paid.add(key)
+                if outcome.error is None:
+                    outcome = dataclasses.replace(outcome, cached=False)
+            requests = tally.requests
+            _tally(tally, outcome, key, seen)
+            tally.calls += tally.requests - requests  # one batch line per request
+        run.sent -= paid
+    every = stats.steps.values()
+    stats.answers = sum(t.answers for t in every)
+    stats.cached = sum(t.cached for t in every)
+    stats.prompt_tokens = sum(t.prompt_tokens for t in every)
+    stats.completion_tokens = sum(t.completion_tokens for t in every)
+    stats.cached_prompt_tokens = sum(t.cached_prompt_tokens for t in every)
+    stats.cached_completion_tokens = sum(t.cached_completion_tokens for t in every)
 
 
 def enrich_frame(

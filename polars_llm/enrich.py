@@ -170,12 +170,16 @@ class EnrichRun:
 
         try:
             with batch.active(run):
-                batch.run_in_rounds(frames, steps, settings, run)
+                try:
+                    batch.run_in_rounds(frames, steps, settings, run)
+                finally:
+                    # Before the summary: lines sent while writing are counted by
+                    # pipeline_in_rounds itself.
+                    self.stats.calls += run.lines_submitted
                 display.close()
                 self._enrich(work, steps, settings, many)
         finally:
             display.close()
-            self.stats.calls += run.lines_submitted
 
     # -- the run -------------------------------------------------------------------------------
     def _enrich(
@@ -296,12 +300,19 @@ class EnrichRun:
                         for k, v in dataclasses.asdict(tally).items()
                         if k not in ("endpoint", "model")
                     },
-                    "cost_usd": _usd(
-                        cost(model, tally.prompt_tokens, tally.completion_tokens, self.price_table)
-                    ),
+                    "cost_usd": _usd(self._cost(model, tally)),
                 }
             )
         return rows
+
+    def _cost(self, model: str, tally: StepStats) -> float | None:
+        """USD of one step's paid tokens, at Batch API prices when the run used it."""
+        usd = cost(model, tally.prompt_tokens, tally.completion_tokens, self.price_table)
+        if usd is not None and self.settings is not None and self.settings.batch:
+            from .batch import BATCH_DISCOUNT
+
+            usd *= BATCH_DISCOUNT
+        return usd
 
     def cost(self) -> float | str:
         """USD paid by this run, or the models whose price is unknown (comma-separated)."""

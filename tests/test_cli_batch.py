@@ -106,6 +106,44 @@ def test_a_two_step_batch_run_gives_the_synchronous_frame_without_chat_calls(
         assert "batches: 1/1 ended" in done.stderr
 
 
+def test_a_batch_runs_numbers_are_the_synchronous_runs_at_half_the_cost(
+    src: Path, tmp_path: Path
+) -> None:
+    """--batch counts each step as a synchronous run of the same input does (answers, cached,
+    requests, calls, tokens paid and served from the cache, read in several frames), and its
+    cost is at Batch API prices: half. A rerun asks nothing and pays nothing."""
+    runs = {}
+    with FakeServer(batch_seconds=0.3) as server:
+        for name, extra, cache in (
+            ("sync", (), "c1"),
+            ("batch", ("--batch",), "c2"),
+            ("rerun", ("--batch",), "c2"),
+        ):
+            report = tmp_path / f"{name}.json"
+            done = cli(
+                [
+                    *enrich(server, src, tmp_path / f"{name}.parquet", *extra),
+                    *("--cache-dir", str(tmp_path / cache), "--batch-size", "12"),
+                    *("--report", str(report)),
+                ]
+            )
+            assert done.returncode == 0, done.stderr
+            runs[name] = (json.loads(report.read_text()), done.stderr)
+    (sync, _), (batch, said), (rerun, said_again) = runs["sync"], runs["batch"], runs["rerun"]
+
+    def numbers(report: dict) -> list[dict]:
+        return [{k: v for k, v in step.items() if k != "cost_usd"} for step in report["steps"]]
+
+    assert numbers(batch) == numbers(sync)
+    assert [s["requests"] for s in batch["steps"]] == [10, 10]
+    assert [s["cached"] for s in batch["steps"]] == [17, 17]  # repeats across the 3 frames
+    for ours, theirs in zip(batch["steps"], sync["steps"], strict=True):
+        assert ours["cost_usd"] == pytest.approx(theirs["cost_usd"] / 2, abs=1e-6)  # rounded
+    assert "58 answers for 30 rows x 2 step(s): 34 from the cache, 24 asked in 20 calls" in said
+    assert [(s["requests"], s["prompt_tokens"]) for s in rerun["steps"]] == [(0, 0), (0, 0)]
+    assert "58 from the cache, 0 asked in 0 calls" in said_again
+
+
 def test_failed_and_expired_lines_are_resubmitted_near_the_unique_count(
     src: Path, tmp_path: Path
 ) -> None:
