@@ -174,6 +174,9 @@ def _cpu(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+STEADY_ROUNDS = 5
+
+
 def _pace(
     timeline: FakeTimeline, start: float, end: float, concurrency: int, calls: int
 ) -> dict[str, float]:
@@ -184,7 +187,8 @@ def _pace(
     - ``first_c_ms``: from the first arrival to the C-th, the time it takes to open C
       connections and fill them (0 for a client that could send all at once);
     - ``steady_per_s``: answers per second between the 20th and the 80th percentile answer,
-      the pace once every connection is open and before the last round drains;
+      the pace once every connection is open and before the last round drains (only for runs
+      of at least STEADY_ROUNDS rounds of C);
     - ``drain_ms``: from the last arrival to the last answer;
     - ``after_last_ms``: from the last answer to the client's return (putting results back).
     """
@@ -198,7 +202,9 @@ def _pace(
         "after_last_ms": 1000 * (end - answered[-1]),
     }
     low, high = int(0.2 * len(answered)), int(0.8 * len(answered))
-    if high > low and answered[high] > answered[low]:
+    # Answers come in rounds of C: over fewer than STEADY_ROUNDS of them, the window's ends cut
+    # rounds and the pace can read above the bound (as in --quick).
+    if len(answered) >= STEADY_ROUNDS * concurrency and answered[high] > answered[low]:
         pace["steady_per_s"] = (high - low) / (answered[high] - answered[low])
     return pace
 
