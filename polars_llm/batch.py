@@ -1334,6 +1334,8 @@ def _count_steps(
                 paid.add(key)
                 if outcome.error is None:
                     outcome = dataclasses.replace(outcome, cached=False)
+            elif outcome.error is not None:
+                seen.add(key)  # its failed line was counted by the frame that read it first
             requests = tally.requests
             _tally(tally, outcome, key, seen)
             tally.calls += tally.requests - requests  # one batch line per request

@@ -936,7 +936,12 @@ class ClaimGate(Generic[T]):
         if future is None:
             future = self._ask(key)
             self._asked.pop(key)
-        if not future.done() and self._rounds > self._grown_at and self._cursor < len(self._plan):
+        if (
+            not future.done()
+            and self._window >= self._base  # still ramping up from FIRST_WINDOW: not a sign
+            and self._rounds > self._grown_at
+            and self._cursor < len(self._plan)
+        ):
             # A key asked ahead is not answered yet: the round trip outlasted the window's lead.
             # Ask further ahead from now on (once per round trip; the first has no lead at all).
             self._window = min(self._max_window, 2 * self._window)

@@ -144,6 +144,26 @@ def test_a_batch_runs_numbers_are_the_synchronous_runs_at_half_the_cost(
     assert "58 from the cache, 0 asked in 0 calls" in said_again
 
 
+def test_a_refused_line_counts_as_one_request_across_frames(src: Path, tmp_path: Path) -> None:
+    """A line refused by the Batch API is one request and one call of its step, however many
+    frames read its error back; the steps' calls add up to the lines sent."""
+    with FakeServer(batch_seconds=0.2, batch_refuse="review 3") as server:
+        report = tmp_path / "run.json"
+        done = cli(
+            [
+                *enrich(server, src, tmp_path / "out.parquet", "--batch"),
+                *("--batch-size", "12", "--max-failed-rows", "100", "--report", str(report)),
+            ]
+        )
+        assert done.returncode == 0, done.stderr
+        lines = server.stats().batch_lines
+    numbers = json.loads(report.read_text())
+    sentiment, reply = numbers["steps"]
+    assert (sentiment["requests"], sentiment["calls"]) == (10, 10)  # "review 3" refused once
+    assert reply["requests"] == 9  # no reply to the refused review
+    assert sentiment["calls"] + reply["calls"] == numbers["calls"] == lines
+
+
 def test_failed_and_expired_lines_are_resubmitted_near_the_unique_count(
     src: Path, tmp_path: Path
 ) -> None:
