@@ -1321,7 +1321,7 @@ def _count_steps(
     served from the cache. A key sent by this run counts as paid in the first frame that reads
     it back, and as cached in later frames (as a prompt repeated across a synchronous run's
     streaming batches is)."""
-    from .pipeline import StepStats, _tally
+    from .pipeline import StepStats, _tally, sum_steps
 
     for step, batch, answered in zip(steps, ev.batches, ev.answered, strict=True):
         tally = stats.steps.setdefault(step.name, StepStats())
@@ -1340,13 +1340,9 @@ def _count_steps(
             _tally(tally, outcome, key, seen)
             tally.calls += tally.requests - requests  # one batch line per request
         run.sent -= paid
-    every = stats.steps.values()
-    stats.answers = sum(t.answers for t in every)
-    stats.cached = sum(t.cached for t in every)
-    stats.prompt_tokens = sum(t.prompt_tokens for t in every)
-    stats.completion_tokens = sum(t.completion_tokens for t in every)
-    stats.cached_prompt_tokens = sum(t.cached_prompt_tokens for t in every)
-    stats.cached_completion_tokens = sum(t.cached_completion_tokens for t in every)
+    sum_steps(stats)
+    # The synchronous pipeline counts its cache hits as it goes; here the tallies have them.
+    stats.cached = sum(t.cached for t in stats.steps.values())
 
 
 def enrich_frame(

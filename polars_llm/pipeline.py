@@ -570,6 +570,11 @@ def _fold_steps(
     for tally, batch, calls in zip(tallies, batches, base_calls, strict=True):
         tally.calls = calls + batch.progress.calls
         tally.retries = max(0, tally.calls - tally.requests)
+    sum_steps(stats)
+
+
+def sum_steps(stats: PipelineStats) -> None:
+    """The run's answers and tokens: the sums of its steps' tallies."""
     every = stats.steps.values()
     stats.answers = sum(t.answers for t in every)
     # Tokens once per request (identical prompts of a batch are one request), paid or cached.

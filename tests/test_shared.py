@@ -656,6 +656,21 @@ def test_a_batch_claims_a_window_ahead_and_frees_what_it_never_sent(tmp_path: Pa
     assert freed[-1] is False  # an answered claim is not freed: pollers find the answer
 
 
+class GroupsSeen(InProcessState):
+    """A home of this process that notes the size of every claim round trip, each taking
+    ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        super().__init__()
+        self.delay = delay
+        self.groups: list[int] = []
+
+    async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
+        self.groups.append(len(keys))
+        await asyncio.sleep(self.delay)
+        return await super().claim_many(keys, ttl)
+
+
 @pytest.mark.parametrize("claim_seconds", [0.0, 0.05])
 def test_a_gate_asks_further_ahead_while_requests_wait_for_their_claims(
     claim_seconds: float,
@@ -664,16 +679,8 @@ def test_a_gate_asks_further_ahead_while_requests_wait_for_their_claims(
     millisecond) doubles its window of keys asked ahead, once per round trip, up to
     WINDOW_GROWTH times its first size. When claims come back in time, it stays as it was."""
 
-    class Slow(InProcessState):
-        round_trips = 0
-
-        async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
-            self.round_trips += 1
-            await asyncio.sleep(claim_seconds)
-            return await super().claim_many(keys, ttl)
-
     async def main() -> tuple[int, int, list[str]]:
-        home = Slow()
+        home = GroupsSeen(claim_seconds)
 
         async def find_many(keys: list[str]) -> list[str | None]:
             return [None] * len(keys)
@@ -688,7 +695,7 @@ def test_a_gate_asks_further_ahead_while_requests_wait_for_their_claims(
             gate.leave(key, answered=True)
             await asyncio.sleep(0.001)  # the request
         gate.close()
-        return gate._window, home.round_trips, states
+        return gate._window, len(home.groups), states
 
     window, round_trips, states = run(main)
     assert states == ["claimed"] * 400
@@ -705,17 +712,8 @@ def test_a_gates_first_round_trip_is_small_and_the_next_ones_grow() -> None:
     requests are not held back by thousands of claims; each round trip then doubles the lead
     up to the gate's window."""
 
-    class Counted(InProcessState):
-        def __init__(self) -> None:
-            super().__init__()
-            self.groups: list[int] = []
-
-        async def claim_many(self, keys: Sequence[str], ttl: float) -> list[bool]:
-            self.groups.append(len(keys))
-            return await super().claim_many(keys, ttl)
-
     async def main() -> tuple[list[int], list[str]]:
-        home = Counted()
+        home = GroupsSeen()
 
         async def find_many(keys: list[str]) -> list[str | None]:
             return [None] * len(keys)
