@@ -66,8 +66,8 @@ CONNECT_TIMEOUT = 10.0
 # While a transport's pool fills (its first C requests), at most this many requests at a time
 # go into aiohttp before they have a connection; each lets the next one in once it has its
 # connection. Let in all at once, C requests advance a step each per turn of the loop, every
-# connection is half made before any is whole, and at C=1,024 the first request went out after
-# 450-700 ms; now after 15-30 ms, and the others follow one by one.
+# connection is half made before any is whole, and at C=1,024 the first request reached the
+# server 0.5-0.85 s after the call; now 0.11-0.26 s, and the others follow one by one.
 OPENING = 32
 # A request that waits its turn longer than this goes anyway (behind connects to a blackholed
 # host, the queue would otherwise wait a connect timeout for each OPENING requests).
@@ -195,8 +195,8 @@ class AiohttpTransport:
         # The limiter bounds requests in flight; the pool keeps a connection alive for each of
         # them. Its cap is a backstop with room to spare, so that a request sent beside a hung
         # one (a hedge) never waits for a socket.
-        self._pool_size = 2 * max(1, concurrency)
         self._concurrency = max(1, concurrency)
+        self._pool_size = 2 * self._concurrency
         self._session: aiohttp.ClientSession | None = None
         self._connector: _FillingConnector | None = None
 
