@@ -827,11 +827,15 @@ def _map_unique(
     texts: list[str] = groups.get_column("__key").to_list()
     batch = Batch(spec, kind)
     keys, raws = batch.lookup_raw(texts)
-    # Cached plain-text answers are decoded as columns; anything else entry by entry.
-    table = batch.decode_columns(raws)
+    # Cached plain-text answers are decoded as columns; anything else entry by entry. A first
+    # run has nothing to decode: its first request goes out without a pass over the misses.
+    any_cached = raws.count(None) < len(raws)
+    table = batch.decode_columns(raws) if any_cached else None
     in_table = [False] * len(raws) if table is None else table.get_column("hit").to_list()
-    found = batch.decode_raws(
-        [None if hit else raw for hit, raw in zip(in_table, raws, strict=True)]
+    found = (
+        batch.decode_raws([None if hit else raw for hit, raw in zip(in_table, raws, strict=True)])
+        if any_cached
+        else [None] * len(raws)
     )
     # What is not in the table: cached entries of another shape, then the answers sent.
     known = {i: o for i, o in enumerate(found) if o is not None}
