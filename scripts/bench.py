@@ -33,6 +33,12 @@ Scenarios:
    of the limit used, share of 429s.
 9. high concurrency: C = 1024 against a latency of 1 s ± 25 %, N unique prompts: req/s against
    the bound.
+11. issue #15's two latency scenarios as it states them, at a fixed latency: N = 3,000 at
+    C = 256 and L = 0.2 s, N = 8,000 at C = 1,024 and L = 1 s; polars-llm cold and the bare loop.
+
+Next to each share of the bound of scenarios 1, 9 and 11 stands the scenario's *ceiling*: the
+share an ideal client reaches against the same server (``ceiling``). The bound is a rate, C / L;
+a run of N requests also waits for its last round, which a run of a few rounds cannot hide.
 10. Ray Data: ``polars_llm.ray.enrich`` with 1 and 2 workers on a local Ray (needs the ``ray``
     extra): rows/s, latency as in 1, C = 64 per worker.
 
@@ -52,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import heapq
 import json
 import os
 import platform
@@ -98,6 +105,7 @@ FULL = {
     "s8_n": 3_000,
     "s8_rpm": 3_000,
     "s9_n": 8_000,
+    "s11": [(3_000, 256, 0.2), (8_000, 1024, 1.0)],
     "ray_n": 20_000,
 }
 QUICK = {
@@ -117,6 +125,7 @@ QUICK = {
     "s8_n": 600,
     "s8_rpm": 3_000,
     "s9_n": 2_048,
+    "s11": [(640, 256, 0.2), (2_048, 1024, 1.0)],
     "ray_n": 2_000,
 }
 
@@ -454,6 +463,28 @@ def bound_rate(concurrency: int | None, latency: float, rpm: int | None) -> floa
     return min(limits) if limits else float("inf")
 
 
+def ceiling(n: int, concurrency: int, latency: float, jitter: float, seed: int = 0) -> float:
+    """The share of the bound (``bound_rate``) that an ideal client reaches against the fake
+    server: C requests in flight from the first instant, each answered one sent at that instant,
+    and no time of its own. The latencies are the server's own draws (its ``seed``, three draws
+    per request, the third setting the jitter), in order of arrival.
+
+    Below 1 because the bound is a rate: the last round drains for up to a whole latency, while
+    fewer and fewer requests are in flight. With a fixed latency it is ``(N / C) / ceil(N / C)``.
+    """
+    rng = random.Random(seed)
+
+    def delay() -> float:
+        rng.random(), rng.random()  # the fault and kind draws
+        return latency + (2.0 * rng.random() - 1.0) * jitter
+
+    ends = [delay() for _ in range(min(n, concurrency))]
+    heapq.heapify(ends)
+    for _ in range(n - len(ends)):
+        heapq.heappush(ends, heapq.heappop(ends) + delay())
+    return n / bound_rate(concurrency, latency, None) / max(ends)
+
+
 def _questions(tag: str, n: int) -> list[str]:
     return [f"{tag} question {i}" for i in range(n)]
 
@@ -483,7 +514,11 @@ def scenario_1(sizes: dict[str, Any]) -> dict[str, Any]:
     for c in sizes["s1_c"]:
         bound = bound_rate(c, LATENCY, None)
         _log(f"S1 C={c}: N={n}, bound {bound:.0f} req/s")
-        entry: dict[str, Any] = {"concurrency": c, "bound_per_s": bound}
+        entry: dict[str, Any] = {
+            "concurrency": c,
+            "bound_per_s": bound,
+            "ceiling": ceiling(n, c, LATENCY, JITTER),
+        }
         if c in sizes["s1_cold_c"]:
             entry["cold"] = _record(
                 run_polars(server, _questions(f"s1c{c}", n), c, reached=False), bound
@@ -644,11 +679,36 @@ def scenario_9(sizes: dict[str, Any]) -> dict[str, Any]:
         "concurrency": c,
         "latency_s": latency,
         "bound_per_s": bound,
+        "ceiling": ceiling(n, c, latency, server["jitter"]),
         "cold": _record(run_polars(server, _questions("s9c", n), c, reached=False), bound),
         "reached": _record(run_polars(server, _questions("s9r", n), c, reached=True), bound),
         # The Python limit: what a bare aiohttp loop reaches against the same server.
         "bare": _record(run_reference(server, _questions("s9b", n), c, bare=True), bound),
     }
+
+
+def scenario_11(sizes: dict[str, Any]) -> dict[str, Any]:
+    """Issue #15's latency scenarios as it states them: a fixed latency, its N, C and L."""
+    rows = []
+    for n, c, latency in sizes["s11"]:
+        server = {"latency": latency}
+        bound = bound_rate(c, latency, None)
+        _log(f"S11 C={c}, latency {latency} s fixed: N={n}, bound {bound:.0f} req/s")
+        tag = f"s11c{c}"
+        rows.append(
+            {
+                "n": n,
+                "concurrency": c,
+                "latency_s": latency,
+                "bound_per_s": bound,
+                "ceiling": ceiling(n, c, latency, 0.0),
+                "cold": _record(run_polars(server, _questions(tag, n), c, reached=False), bound),
+                "bare": _record(
+                    run_reference(server, _questions(tag + "b", n), c, bare=True), bound
+                ),
+            }
+        )
+    return {"rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -940,16 +1000,16 @@ def scenario_7(sizes: dict[str, Any]) -> dict[str, Any]:
     return {"runs": runs, "import_rss_mb": int(baseline.stderr.strip().splitlines()[-1]) / 1024}
 
 
-def _beside_bare(
-    run: dict[str, Any], bare_run: dict[str, Any] | None, bare: float | None, bound: float
-) -> str:
-    """The bare loop's share of the bound, and both steady paces where the timeline has them."""
-    if bare is None or bare_run is None:
-        return ""
-    text = f" (bare aiohttp loop {bare:.1%}"
-    if (ours := _steady(run, bound)) and (theirs := _steady(bare_run, bound)):
-        text += f"; steady pace {ours}, bare loop's {theirs}"
-    return text + ")"
+def _share_figure(run: dict[str, Any], row: dict[str, Any]) -> str:
+    """A run's share of the bound, beside the scenario's ceiling, the bare loop's share, and
+    both steady paces where the timeline has them."""
+    bound, bare_run = row["bound_per_s"], row.get("bare")
+    notes = [f"ceiling {row['ceiling']:.1%}"] if "ceiling" in row else []
+    if bare_run is not None:
+        notes.append(f"bare aiohttp loop {bare_run['share_of_bound']:.1%}")
+        if (ours := _steady(run, bound)) and (theirs := _steady(bare_run, bound)):
+            notes.append(f"steady pace {ours}, bare loop's {theirs}")
+    return f"{run['share_of_bound']:.1%}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -961,17 +1021,12 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     if s1 := results.get("s1"):
         for row in s1["rows"]:
-            c = row["concurrency"]
-            target = 0.95
-            bare = row.get("bare", {}).get("share_of_bound")
             for kind in ("cold", "reached"):
                 if kind in row:
-                    share = row[kind]["share_of_bound"]
                     add(
-                        f"S1 C={c} {kind}: >= {target:.0%} of bound",
-                        share >= target,
-                        f"{share:.1%}"
-                        + _beside_bare(row[kind], row.get("bare"), bare, c / LATENCY),
+                        f"S1 C={row['concurrency']} {kind}: >= 95% of bound",
+                        row[kind]["share_of_bound"] >= 0.95,
+                        _share_figure(row[kind], row),
                     )
     if s2 := results.get("s2"):
         ours, bare = s2["polars_llm"], s2["bare"]
@@ -1020,13 +1075,20 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{run['rate_per_s']:,.0f} rows/s, {run['calls']} calls ({s4['unique']:,} unique)",
         )
     if s9 := results.get("s9"):
-        bare = s9.get("bare", {}).get("share_of_bound")
         for kind in ("cold", "reached"):
-            share = s9[kind]["share_of_bound"]
             add(
-                f"S9 C=1024 L=1 s {kind}: >= 92% of bound",
-                share >= 0.92,
-                f"{share:.1%}" + _beside_bare(s9[kind], s9.get("bare"), bare, s9["bound_per_s"]),
+                f"S9 C=1024 L=1 s ± 25 % {kind}: >= 92% of bound",
+                s9[kind]["share_of_bound"] >= 0.92,
+                _share_figure(s9[kind], s9),
+            )
+    if s11 := results.get("s11"):
+        for row in s11["rows"]:
+            target = 0.95 if row["concurrency"] <= 256 else 0.92
+            add(
+                f"S11 C={row['concurrency']} L={row['latency_s']:g} s fixed, N={row['n']:,} "
+                f"cold: >= {target:.0%} of bound",
+                row["cold"]["share_of_bound"] >= target,
+                _share_figure(row["cold"], row),
             )
     if s5 := results.get("s5"):
         ours = s5["polars_llm"]
@@ -1103,6 +1165,10 @@ def pace_table(results: dict[str, Any]) -> str:
         ]
     if s9 := results.get("s9"):
         runs += [(f"S9 C={s9['concurrency']}", s9["bound_per_s"], s9[k]) for k in ("cold", "bare")]
+    for row in results.get("s11", {}).get("rows", []):
+        runs += [
+            (f"S11 C={row['concurrency']}", row["bound_per_s"], row[k]) for k in ("cold", "bare")
+        ]
     rows = [
         [
             label,
@@ -1120,7 +1186,7 @@ def pace_table(results: dict[str, Any]) -> str:
     if not rows:
         return ""
     return (
-        "Where the wall time went (S1, S9), from the fake server's timeline: time to the first "
+        "Where the wall time went (S1, S9, S11), from the fake server's timeline: time to the first "
         "request, time for the first C requests to arrive (each needs a new connection), the "
         "steady pace between the 20th and 80th percentile answers as a share of the bound, the "
         "last round's drain, and the time after the last answer\n\n"
@@ -1163,6 +1229,7 @@ def tables(results: dict[str, Any]) -> str:
                         _f(row["bound_per_s"], 0),
                         _f(r["rate_per_s"]),
                         f"{r['share_of_bound']:.1%}",
+                        f"{row['ceiling']:.1%}" if "ceiling" in row else "",
                         _f(r["wall_s"], 2),
                         _f(r["cpu_ms_per_request"], 2),
                         str(r["calls"]),
@@ -1171,7 +1238,7 @@ def tables(results: dict[str, Any]) -> str:
                 )
         parts.append(
             f"S1: latency {s1['latency_s'] * 1000:.0f} ms ± {s1['jitter_s'] * 1000:.0f} ms, "
-            f"N = {s1['n']:,} unique\n\n"
+            f"N = {s1['n']:,} unique; the ceiling is what an ideal client reaches (``ceiling``)\n\n"
             + _table(
                 [
                     "C",
@@ -1179,6 +1246,7 @@ def tables(results: dict[str, Any]) -> str:
                     "bound req/s",
                     "req/s",
                     "of bound",
+                    "ceiling",
                     "wall s",
                     "CPU ms/req",
                     "calls",
@@ -1302,6 +1370,7 @@ def tables(results: dict[str, Any]) -> str:
                 _f(s9["bound_per_s"], 0),
                 _f(s9[k]["rate_per_s"]),
                 f"{s9[k]['share_of_bound']:.1%}",
+                f"{s9['ceiling']:.1%}" if "ceiling" in s9 else "",
                 _f(s9[k]["wall_s"], 2),
                 _f(s9[k]["cpu_ms_per_request"], 3),
                 str(s9[k]["calls"]),
@@ -1319,6 +1388,46 @@ def tables(results: dict[str, Any]) -> str:
                     "bound req/s",
                     "req/s",
                     "of bound",
+                    "ceiling",
+                    "wall s",
+                    "CPU ms/req",
+                    "calls",
+                    "max in flight",
+                ],
+                rows,
+            )
+        )
+    if s11 := results.get("s11"):
+        rows = [
+            [
+                str(row["concurrency"]),
+                f"{row['latency_s']:g}",
+                f"{row['n']:,}",
+                row[k]["client"],
+                _f(row["bound_per_s"], 0),
+                _f(row[k]["rate_per_s"]),
+                f"{row[k]['share_of_bound']:.1%}",
+                f"{row['ceiling']:.1%}",
+                _f(row[k]["wall_s"], 2),
+                _f(row[k]["cpu_ms_per_request"], 3),
+                str(row[k]["calls"]),
+                str(row[k]["max_in_flight"]),
+            ]
+            for row in s11["rows"]
+            for k in ("cold", "bare")
+        ]
+        parts.append(
+            "S11: issue #15's latency scenarios as it states them, at a fixed latency\n\n"
+            + _table(
+                [
+                    "C",
+                    "L s",
+                    "N",
+                    "client",
+                    "bound req/s",
+                    "req/s",
+                    "of bound",
+                    "ceiling",
                     "wall s",
                     "CPU ms/req",
                     "calls",
@@ -1457,7 +1566,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("bench-results.json"))
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "throughput.png")
     parser.add_argument(
-        "--scenarios", default="1,2,3,4,5,6,7,8,9", help="comma-separated, e.g. 1,3"
+        "--scenarios", default="1,2,3,4,5,6,7,8,9,11", help="comma-separated, e.g. 1,3"
     )
     args = parser.parse_args(argv)
     wanted = {int(s) for s in args.scenarios.split(",") if s.strip()}
@@ -1480,6 +1589,7 @@ def main(argv: list[str] | None = None) -> int:
         (8, "s8", lambda: scenario_8(sizes)),
         (9, "s9", lambda: scenario_9(sizes)),
         (10, "s_ray", lambda: scenario_ray(sizes)),
+        (11, "s11", lambda: scenario_11(sizes)),
     ]
     for number, key, step in steps:
         if number in wanted:
