@@ -305,6 +305,28 @@ class Ledger:
         with contextlib.suppress(FileNotFoundError):
             self.keys_path(input_file_id).unlink()
 
+    # The keys of lines that runs stopped at --no-wait's exit 75 sent: their answers (tokens,
+    # cost) are counted as paid by the run that reads them back, not as served from the cache.
+    @property
+    def unreported_path(self) -> Path:
+        return self.folder / "unreported.keys"
+
+    def unreported(self) -> set[str]:
+        """The keys sent by runs that stopped at exit 75 and not yet reported (none if the file
+        is unreadable: it only feeds the numbers a run prints)."""
+        try:
+            return set(self.unreported_path.read_text().split())
+        except (OSError, ValueError):
+            return set()
+
+    def keep_unreported(self, keys: Iterable[str]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.unreported_path, "\n".join(sorted(keys)))
+
+    def forget_unreported(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.unreported_path.unlink()
+
 
 # One thread that waits for other processes' ledger locks, so the event loop never does (and
 # the loop's default executor, which resolves host names, is never filled with waiters).
@@ -521,6 +543,11 @@ class BatchSession:
         self.run_id = uuid.uuid4().hex[:16]
         self.errors: dict[str, RowError] = {}
         self.lines_submitted = 0
+        # The keys this session's rounds sent (or resumed), and those that earlier runs stopped
+        # at exit 75 sent and did not report (see Ledger.unreported).
+        self.keys_sent: set[str] = set()
+        self.carried_keys = self.ledger.unreported()
+        self.carried_counted = False
         self.progress = BatchProgress()
 
     # -- the engine's hook ---------------------------------------------------------------------
@@ -1110,8 +1137,9 @@ class BatchRun:
             "poll_max": poll_max,
         }
         self.sessions: dict[tuple[str, str, str], BatchSession] = {}
-        # Keys sent in this run's batches and not yet counted in a frame's tallies: their
-        # answers, read back from the cache, were paid by this run rather than served from it.
+        # Keys sent in this run's batches (or in those of runs that stopped at exit 75 before
+        # it) and not yet counted in a frame's tallies: their answers, read back from the
+        # cache, were paid for rather than served from it.
         self.sent: set[str] = set()
 
     def session(self, settings: Settings) -> BatchSession:
@@ -1121,11 +1149,27 @@ class BatchRun:
         found = self.sessions.get(ident)
         if found is None:
             found = self.sessions[ident] = BatchSession(settings, **self.options)
+            self.sent |= found.carried_keys
         return found
 
     @property
     def lines_submitted(self) -> int:
         return sum(s.lines_submitted for s in self.sessions.values())
+
+    def keep_unreported(self) -> None:
+        """Stopping at exit 75, before any answer is counted: leave the keys this run sent (and
+        those it carried) in each ledger, for the run that reads their answers to count them as
+        paid."""
+        for s in self.sessions.values():
+            if s.keys_sent or s.carried_keys:
+                s.ledger.keep_unreported(s.keys_sent | s.carried_keys)
+
+    def forget_unreported(self) -> None:
+        """This run has counted what it carried: the ledgers need not keep it."""
+        for s in self.sessions.values():
+            if s.carried_keys and not s.carried_counted:
+                s.ledger.forget_unreported()
+                s.carried_counted = True
 
 
 _run: contextvars.ContextVar[BatchRun | None] = contextvars.ContextVar(
@@ -1259,11 +1303,16 @@ def run_in_rounds(
         previous = keys
         for (session, path), found in misses.items():
             run.sent.update(found)
-            session.send(
-                _Bodies(found),
-                path=path,
-                accept=functools.partial(_accept_found, found),
-            )
+            session.keys_sent.update(found)
+            try:
+                session.send(
+                    _Bodies(found),
+                    path=path,
+                    accept=functools.partial(_accept_found, found),
+                )
+            except BatchPending:
+                run.keep_unreported()
+                raise
 
 
 class _Bodies(Mapping[str, Mapping[str, Any]]):
@@ -1310,6 +1359,9 @@ def pipeline_in_rounds(
         stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + n
     stats.calls += run.lines_submitted - before
     _count_steps(stats, steps, ev, run)
+    # Counted: the keys carried from runs stopped at exit 75 are in this run's memory now (a
+    # later frame of the run still counts them), and no later run counts them again.
+    run.forget_unreported()
     return ev.results, ev.errors
 
 

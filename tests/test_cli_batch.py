@@ -244,6 +244,53 @@ def test_no_wait_exits_75_writes_nothing_and_later_runs_finish(src: Path, tmp_pa
         assert server.stats().batch_lines == 20 and server.stats().chat_calls == 0
 
 
+def test_answers_sent_by_runs_stopped_at_exit_75_count_as_paid_in_the_run_that_finishes(
+    src: Path, tmp_path: Path
+) -> None:
+    """--no-wait three times: step 1 is sent, then collected while step 2 is sent, then step 2
+    is collected. The run that finishes counts both steps as a synchronous run does (step 1's
+    answers were paid for, not served from the cache), and each run's calls are its lines."""
+    with FakeServer(batch_seconds=1000) as server:
+        sync_report = tmp_path / "sync.json"
+        sync = cli(
+            [
+                *enrich(server, src, tmp_path / "sync.parquet"),
+                *("--cache-dir", str(tmp_path / "c1"), "--report", str(sync_report)),
+            ]
+        )
+        assert sync.returncode == 0, sync.stderr
+        server.reset_stats()
+        reports, codes, said = [], [], ""
+        # The last run finishes; a rerun then serves everything from the cache.
+        for name in ("first", "second", "last", "rerun"):
+            report = tmp_path / f"{name}.json"
+            done = cli(
+                [
+                    *enrich(server, src, tmp_path / "out.parquet", "--batch", "--no-wait"),
+                    *("--cache-dir", str(tmp_path / "c2"), "--report", str(report)),
+                ]
+            )
+            codes.append(done.returncode)
+            reports.append(json.loads(report.read_text()))
+            said = done.stderr
+            server.advance_batches(2000)
+        assert codes == [75, 75, 0, 0], said
+        assert server.stats().batch_lines == 20
+    expected = json.loads(sync_report.read_text())["steps"]
+    last = reports[2]["steps"]
+    for key in ("answers", "cached", "requests", "prompt_tokens", "completion_tokens"):
+        assert [s[key] for s in last] == [s[key] for s in expected], key
+    assert [s["requests"] for s in last] == [10, 10]
+    for ours, theirs in zip(last, expected, strict=True):
+        assert ours["cost_usd"] == pytest.approx(theirs["cost_usd"] / 2, abs=1e-6)
+    # Each stop reported the lines it submitted; the last runs submitted none.
+    assert [r["calls"] for r in reports] == [10, 10, 0, 0]
+    assert not (tmp_path / "c2" / "batches" / "unreported.keys").exists()
+    # Counted once: the rerun pays nothing.
+    rerun = reports[3]["steps"]
+    assert [(s["requests"], s["prompt_tokens"]) for s in rerun] == [(0, 0), (0, 0)]
+
+
 def test_batch_cancel_stops_the_batches_and_a_rerun_resubmits_the_rest(
     src: Path, tmp_path: Path
 ) -> None:
