@@ -26,6 +26,7 @@ fails another. ``put``/``flush`` without an owner share the owner ``None``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -402,9 +403,19 @@ class ResultCache:
     def release(self) -> None:
         """Close, and let go of the database: every thread's connection to it closes now, and
         answers put from now on are not stored (its folder is gone)."""
-        self.close()
-        # The connections are diskcache's, one per thread in a thread-local; they close when
-        # the Cache object goes, here rather than at some later garbage collection.
+        self.close()  # this thread's connection and the writer's
+        cache = self._cache
+        if cache is not None:
+            # The connections are diskcache's, one per thread in a thread-local, and only the
+            # thread that opened one may close it: the engine's cache-read threads close theirs.
+            for reader in list(_readers):
+                try:
+                    reader.submit(cache.close).result(timeout=_READER_CLOSE_WAIT)
+                except RuntimeError:  # shut down (a closed engine): its threads are gone
+                    with contextlib.suppress(ValueError):
+                        _readers.remove(reader)
+                except TimeoutError:  # busy with another cache's reads: a collection will do
+                    pass
         self._cache = None
 
     def close(self) -> None:
@@ -687,6 +698,15 @@ def _set_many(cache: diskcache.Cache, entries: list[tuple[str, str, object]]) ->
 
 _caches: dict[Path, ResultCache] = {}
 _caches_lock = threading.Lock()
+# Threads of the engine's that read caches (see register_reader), and how long a released cache
+# waits for each to close its connection.
+_readers: list[concurrent.futures.Executor] = []
+_READER_CLOSE_WAIT = 1.0
+
+
+def register_reader(executor: concurrent.futures.Executor) -> None:
+    """An executor whose threads read caches: a released cache closes their connections there."""
+    _readers.append(executor)
 
 
 def _forget_caches_in_child() -> None:
@@ -694,6 +714,7 @@ def _forget_caches_in_child() -> None:
     global _caches, _caches_lock
     _caches = {}
     _caches_lock = threading.Lock()
+    _readers.clear()
 
 
 os.register_at_fork(after_in_child=_forget_caches_in_child)
@@ -707,11 +728,30 @@ def _forget_gone_folders() -> None:
     gone = [path for path in _caches if not path.exists()]
     for path in gone:
         _caches.pop(path).release()
-    if gone:
-        # Connections other threads opened (the cache-read thread, Polars' threads) sit in a
-        # reference cycle of their own (sqlite3's statement cache): only a collection closes
-        # them. Once per deleted folder.
+    if gone and _holds_databases_in(gone):
+        # Connections that other threads opened (Polars' own, say) sit in a reference cycle
+        # (sqlite3's statement cache): only a collection closes them. It costs tens of
+        # milliseconds in a large process, before the first request of the call that opens
+        # a cache: only when such a file is still open.
         gc.collect()
+
+
+def _holds_databases_in(folders: list[Path]) -> bool:
+    """Whether this process still has the cache database of one of ``folders`` open (its WAL
+    files included; True where it cannot tell: without /proc)."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return True
+    inside = tuple(f"{folder}{os.sep}{diskcache.core.DBNAME}" for folder in folders)
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor, say)
+            continue
+        if target.startswith(inside):
+            return True
+    return False
 
 
 def open_cache(directory: Path | str) -> ResultCache:

@@ -34,7 +34,7 @@ from typing import Any
 import polars as pl
 
 from . import interrupt
-from .cache import ResultCache, open_cache
+from .cache import ResultCache, open_cache, register_reader
 from .endpoint import EndpointClient, RetryPolicy
 from .errors import (
     BatchAborted,
@@ -150,6 +150,7 @@ class EngineLoop:
         self.cache_reads = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="polars-llm-cache-read"
         )
+        register_reader(self.cache_reads)  # closes its connections to caches let go
 
     def run(
         self,

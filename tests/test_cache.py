@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -500,6 +501,42 @@ def test_cache_help_documents_export_import_and_exit_codes() -> None:
     for text in ("export", "import", "Exit codes:", "read-only", "64 hex digits"):
         assert text in result.stdout, text
     assert textwrap.dedent(result.stdout).count("polars-llm cache ") >= 4
+
+
+def test_a_deleted_folders_cache_closes_without_a_full_collection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The threads that read a cache (the caller's, the writer, the engine's cache-read thread)
+    close their connections when its folder is found gone, so the next call starts without a
+    full garbage collection (tens of milliseconds in a large process) and no file stays open."""
+
+    def cache_files(folder: Path) -> list[str]:
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(f"{folder}/cache.db"):
+                    found.append(target)
+        return found
+
+    folder = tmp_path / "gone"
+    with FakeServer() as server:
+        for rows in (["a", "b"], ["a", "c"]):  # the second call reads "a" on the loop's side too
+            out = pl.DataFrame({"q": rows}).with_columns(
+                a=pl.col("q").llm.complete(
+                    base_url=server.base_url, api_key="k", cache_dir=folder, progress=False
+                )
+            )
+            assert out["a"].null_count() == 0
+    assert cache_files(folder)  # the folder's database is open while it is in use
+    shutil.rmtree(folder)
+    collections: list[int] = []
+    monkeypatch.setattr(
+        cache_module, "gc", type("Recorder", (), {"collect": lambda: collections.append(1)})
+    )
+    cache_module.open_cache(tmp_path / "another")
+    assert cache_files(folder) == []
+    assert collections == []
 
 
 def test_deleted_cache_folders_leave_no_threads_or_open_files(tmp_path: Path) -> None:
