@@ -457,8 +457,14 @@ class Batch:
         if outcome is None:
             engine = engine_loop()
             # Answered for another batch (another streaming morsel, say) after this one looked
-            # in the cache: already paid for, and on its way to the disk.
-            recent = self.decode(self.cache.peek(key)) if self.cache is not None else None
+            # in the cache: already paid for, and on its way to the disk. Not while its flight
+            # runs: the answer is put before the flight ends (while it is shared over Redis,
+            # say), and this batch's own paid answer would count as served from the cache.
+            recent = (
+                self.decode(self.cache.peek(key))
+                if self.cache is not None and key not in engine.flights
+                else None
+            )
             if recent is not None:
                 outcome = recent
             elif self.aborted is not None:

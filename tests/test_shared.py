@@ -456,6 +456,36 @@ def test_redis_holds_answers_for_every_process(redis_url: str) -> None:
     assert run(main) == ['{"text": "hi"}', None]
 
 
+def test_answers_paid_while_shared_over_redis_count_as_paid(tmp_path: Path, redis_url: str) -> None:
+    """A process that shares its answers over Redis counts each prompt it paid for as paid:
+    rows with the same prompt that start while the answer is being shared join its call, not
+    the answer already put in the cache (which they would count as served from it)."""
+    import polars as pl
+
+    from polars_llm import Step, pipeline
+    from polars_llm.pipeline import PipelineStats
+    from polars_llm.testing import FakeServer
+
+    texts = [f"t{(i * 7) % 40}" for i in range(303)]  # 40 prompts, each on several rows
+    stats = PipelineStats()
+    with FakeServer() as server:
+        settings = Settings(
+            base_url=server.base_url,
+            api_key="k",
+            cache_dir=tmp_path / "cache",
+            shared_url=redis_url,
+            progress=False,
+        )
+        pipeline(
+            pl.DataFrame({"text": texts}), [Step("a", "Q {text}")], settings=settings, stats=stats
+        )
+        calls = server.stats().calls
+    step = stats.steps["a"]
+    assert calls == 40
+    assert (step.requests, step.cached, step.answers) == (40, 0, 303)
+    assert step.cached_prompt_tokens == 0 and step.prompt_tokens > 0
+
+
 def test_in_process_home_keeps_budget_and_holds_no_answers() -> None:
     """The in-process home spaces budget like the others and keeps no answers."""
 
