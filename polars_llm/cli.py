@@ -547,6 +547,7 @@ def enrich(
                 max_failed_rate,
                 dry_run,
                 report,
+                None if prices is None else str(prices),
             ),
             _StepOptions(steps=steps, pipeline_file=pipeline_file, **options),
         )
@@ -574,10 +575,11 @@ def _ray_run(
     max_failed_rate: float,
     dry_run: bool,
     report: Path | None,
+    prices: str | None,
 ) -> Any:
     """The run of ``enrich --ray`` (polars_llm.ray.RayRun)."""
-    if dry_run or report is not None:
-        raise click.UsageError("--dry-run and --report do not run on Ray yet; drop --ray for them")
+    if dry_run:
+        raise click.UsageError("--dry-run does not run on Ray yet; drop --ray for it")
     try:
         from .ray import RayRun
     except ConfigError as e:  # Ray is not installed
@@ -589,6 +591,10 @@ def _ray_run(
         batch_size=batch_size,
         max_failed_rows=max_failed_rows,
         max_failed_rate=max_failed_rate,
+        dry_run=False,
+        report=report,
+        progress=None,
+        prices=prices,
     )
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +325,24 @@ class PipelineStats:
     endpoints: dict[str, tuple[str, str]] = field(default_factory=dict)
     answers: int = 0
     steps: dict[str, StepStats] = field(default_factory=dict)
+
+    def add(self, part: PipelineStats) -> None:
+        """Add what another run of the same steps counted (a Ray worker's batch, say)."""
+        _add_counts(self, part)
+        for reason, n in part.failures_by_reason.items():
+            self.failures_by_reason[reason] = self.failures_by_reason.get(reason, 0) + n
+        self.endpoints.update(part.endpoints)
+        for name, theirs in part.steps.items():
+            mine = self.steps.setdefault(name, StepStats())
+            mine.endpoint, mine.model = theirs.endpoint or mine.endpoint, theirs.model or mine.model
+            _add_counts(mine, theirs)
+
+
+def _add_counts(into: PipelineStats | StepStats, part: PipelineStats | StepStats) -> None:
+    for f in fields(into):
+        mine = getattr(into, f.name)
+        if type(mine) is int:
+            setattr(into, f.name, mine + getattr(part, f.name))
 
 
 class _Template:

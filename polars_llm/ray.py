@@ -46,6 +46,7 @@ except ImportError as e:  # pragma: no cover - the extra is installed in CI
         "polars_llm.ray needs Ray Data: pip install -e '.[ray]' in the polars-llm clone"
     ) from e
 
+from .enrich import EnrichRun
 from .errors import ConfigError, InputError, PolarsLLMError, TooManyFailures
 from .pipeline import ERROR_COLUMN, PipelineStats, Step, check_steps, load_pipeline, pipeline
 from .prompt import placeholders
@@ -315,11 +316,29 @@ def resolve(
 # --------------------------------------------------------------------------------------------
 # The workers
 # --------------------------------------------------------------------------------------------
+class RunTally:
+    """What the workers of one job counted, added up for the driver (a Ray actor per job)."""
+
+    def __init__(self) -> None:
+        self.stats = PipelineStats()
+
+    def add(self, part: PipelineStats) -> None:
+        self.stats.add(part)
+
+    def total(self) -> PipelineStats:
+        return self.stats
+
+
 class _Enrich:
     """One Ray worker: an engine for every batch it is given (``map_batches`` callable class)."""
 
     def __init__(
-        self, steps: list[Step], settings: Settings, secret: _Secret, state: Any | None
+        self,
+        steps: list[Step],
+        settings: Settings,
+        secret: _Secret,
+        state: Any | None,
+        tally: Any | None = None,
     ) -> None:
         self.steps = steps
         self.settings = dataclasses.replace(
@@ -327,7 +346,7 @@ class _Enrich:
         )
         self.needed = sorted({n for s in steps for n in placeholders(s.template)})
         self.names = [s.name for s in steps]
-        self.stats = PipelineStats()
+        self.tally = tally  # a RunTally's handle: each batch's numbers go there
         if state is not None:
             # Every call of this worker shares the cluster's budget, claims and answers.
             use_home(RayState(state))
@@ -338,14 +357,19 @@ class _Enrich:
             pl.from_arrow(table.select(columns)) if columns else pl.DataFrame(height=table.num_rows)
         )
         assert isinstance(df, pl.DataFrame)
+        stats = PipelineStats()
         enriched = pipeline(
             df,
             self.steps,
             settings=self.settings,
             on_error="null",
             progress=lambda _: None,
-            stats=self.stats,
+            stats=stats,
         )
+        if self.tally is not None:
+            # Counted before the batch is handed on: the driver, once it has every batch, has
+            # every batch's numbers.
+            ray.get(self.tally.add.remote(stats))
         added = enriched.select([*self.names, ERROR_COLUMN]).to_arrow()
         for field, column in zip(added.schema, added.columns, strict=True):
             table = table.append_column(field, column)
@@ -382,6 +406,19 @@ def enrich(
     >>> ds = ray.data.from_items([{"review": "great tea"}])  # doctest: +SKIP
     >>> out = polars_llm.ray.enrich(ds, [Step("mood", "Mood of: {review}")])  # doctest: +SKIP
     """
+    return _enrich(ds, steps, settings, workers, batch_size, None, options)
+
+
+def _enrich(
+    ds: ray.data.Dataset,
+    steps: Sequence[Step] | str | Path,
+    settings: Settings | None,
+    workers: int | None,
+    batch_size: int,
+    tally: Any | None,
+    options: dict[str, Any],
+) -> ray.data.Dataset:
+    """``enrich``, whose workers add their numbers to the ``RunTally`` actor ``tally``."""
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if batch_size < 1:
@@ -408,6 +445,7 @@ def enrich(
             "settings": public,
             "secret": secret,
             "state": state,
+            "tally": tally,
         },
         batch_format="pyarrow",
         batch_size=batch_size,
@@ -419,7 +457,7 @@ def enrich(
 # The CLI's run: a folder of Parquet files in, one output file per input file
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class RayRun:
+class RayRun(EnrichRun):
     """``polars-llm enrich IN_DIR OUT_DIR --ray [ADDRESS]``: the CLI's run, on a Ray cluster.
 
     Every Parquet file of ``input`` is enriched by the cluster as one dataset, and the driver
@@ -427,18 +465,13 @@ class RayRun:
     rename). The outputs are moved into place together once every row is done and the failures
     are within the allowed share: a run that fails or is killed leaves no output file. A rerun
     resumes from the caches: the workers' own, and the answers the cluster's actor still holds.
-    Has what ``polars_llm.cli`` needs of :class:`polars_llm.enrich.EnrichRun`.
+
+    The workers add up what they did (answers, cache hits, calls, tokens, per step) in a
+    ``RunTally`` actor of the job's own; the driver prints the run's numbers from it and writes
+    ``--report`` as :class:`polars_llm.enrich.EnrichRun` does.
     """
 
-    input: Path
-    output: Path
-    address: str | None
-    batch_size: int
-    max_failed_rows: int
-    max_failed_rate: float
-    report: Path | None = None
-    started: bool = dataclasses.field(default=False, init=False)
-    committed: bool = dataclasses.field(default=False, init=False)
+    address: str | None = None
 
     def not_written(self) -> str:
         """What a stopped run left at the output: nothing (the outputs move together)."""
@@ -450,9 +483,15 @@ class RayRun:
 
     def run(self, steps: list[Step], settings: Settings) -> None:
         """Check the folders and the steps, then enrich every file and write the outputs."""
-        from .enrich import _check_against_input, _check_folder
+        from .enrich import _check_against_input, _check_folder, _check_report_path
         from .files import InputFile, Reader, location
+        from .prices import load_prices
 
+        self.steps, self.settings = steps, settings
+        self.price_table = load_prices(self.prices)
+        if self.report is not None:
+            _check_report_path(self.report, self.input, self.output)
+        input_dir, output_dir = Path(self.input), Path(self.output)
         files = self._input_files()
         # Reader says in one line what is wrong with a file; then its schema is readable.
         rows = [Reader(InputFile(location(f), f.name)).rows for f in files]
@@ -461,14 +500,17 @@ class RayRun:
             if not schema.equals(schemas[0]):
                 raise InputError(
                     f"{path} does not have the columns and types of {files[0]}; the files of "
-                    f"{self.input} must share one schema"
+                    f"{input_dir} must share one schema"
                 )
         _check_against_input(steps, schemas[0].names, files[0])
-        if not self.output.is_dir():
-            raise InputError(f"the output folder {self.output} does not exist; create it first")
-        if self.output.resolve() == self.input.resolve():
+        if not output_dir.is_dir():
+            raise InputError(f"the output folder {output_dir} does not exist; create it first")
+        if output_dir.resolve() == input_dir.resolve():
             raise InputError("the output folder is the input folder; give another output folder")
-        _check_folder(location(self.output / files[0].name), "output")
+        _check_folder(location(output_dir / files[0].name), "output")
+        if self.report is not None:
+            _check_folder(location(self.report), "--report file")
+        self.files, self.total_rows = len(files), sum(rows)
         self.started = True
         _connect(self.address)
         # Ray Data logs a failed job's traceback on stderr; the CLI says it in one line.
@@ -478,31 +520,47 @@ class RayRun:
         ctx.enable_progress_bars = False
         ctx.raise_original_map_exception = True  # our errors, not Ray's UserCodeException
         ds = ray.data.read_parquet([str(f.resolve()) for f in files])
-        out = enrich(ds, steps, settings, batch_size=min(self.batch_size, DEFAULT_BATCH_SIZE))
-        self._write(out, files, rows)
+        tally: Any = ray.remote(num_cpus=0)(RunTally).remote()
+        try:
+            out = _enrich(
+                ds, steps, settings, None, min(self.batch_size, DEFAULT_BATCH_SIZE), tally, {}
+            )
+            try:
+                self._write(out, files, rows)
+            finally:
+                # What the workers counted, for the numbers and the report, even of a failed run.
+                with contextlib.suppress(RayError):
+                    self.stats = ray.get(tally.total.remote())
+        finally:
+            ray.kill(tally)
+        from .enrich import say
+
+        say(self._numbers())
+        failed = self.stats.rows_failed
+        tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
+        say(f"wrote {len(files)} file(s) to {output_dir}: {self.total_rows} rows{tail}")
 
     def _input_files(self) -> list[Path]:
-        if not self.input.is_dir():
+        input_dir = Path(self.input)
+        if not input_dir.is_dir():
             raise InputError(
-                f"with --ray, INPUT is a folder of Parquet files; {self.input} is not a folder"
+                f"with --ray, INPUT is a folder of Parquet files; {input_dir} is not a folder"
             )
-        files = sorted(p for p in self.input.iterdir() if p.suffix == ".parquet" and p.is_file())
+        files = sorted(p for p in input_dir.iterdir() if p.suffix == ".parquet" and p.is_file())
         if not files:
-            raise InputError(f"{self.input} holds no .parquet file; give a folder of them")
+            raise InputError(f"{input_dir} holds no .parquet file; give a folder of them")
         return files
 
     def _write(self, out: ray.data.Dataset, files: list[Path], rows: list[int]) -> None:
-        from .enrich import say
         from .files import AtomicOutput, location, remove_stale_temp_files
 
         total = sum(rows)
         allowed = max(self.max_failed_rows, int(self.max_failed_rate * total + 1e-9))
         failed = 0
-        first_error: str | None = None
+        targets = [location(Path(self.output) / f.name) for f in files]
         with contextlib.ExitStack() as stack:
             writers = []
-            for f in files:
-                target = location(self.output / f.name)
+            for target in targets:
                 remove_stale_temp_files(target)
                 writers.append(stack.enter_context(AtomicOutput(target, "parquet")))
             index, left = 0, rows[0]
@@ -511,8 +569,8 @@ class RayRun:
                     table: pa.Table = batch
                     errors = table.column(ERROR_COLUMN)
                     failed += len(errors) - errors.null_count
-                    if first_error is None and len(errors) > errors.null_count:
-                        first_error = next(e for e in errors.to_pylist() if e is not None)
+                    if self.first_error is None and len(errors) > errors.null_count:
+                        self.first_error = next(e for e in errors.to_pylist() if e is not None)
                     while table.num_rows:
                         while left == 0:
                             index += 1
@@ -527,17 +585,16 @@ class RayRun:
                 raise TooManyFailures(
                     f"{failed} of {total} row(s) failed, more than the {allowed} allowed "
                     f"(--max-failed-rows {self.max_failed_rows}, --max-failed-rate "
-                    f"{self.max_failed_rate:g}); first: {first_error}. Nothing was written to "
-                    f"{self.output}. The answers received are cached: fix the cause or raise "
+                    f"{self.max_failed_rate:g}); first: {self.first_error}. Nothing was written "
+                    f"to {self.output}. The answers received are cached: fix the cause or raise "
                     "the limit, then rerun the same command",
                     failed=failed,
                     total=total,
                 )
             for writer in writers:
                 writer.commit()
+            self.written = [str(t) for t in targets]
             self.committed = True
-        tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
-        say(f"wrote {len(files)} file(s) to {self.output}: {total} rows{tail}")
 
 
 def _connect(address: str | None) -> None:

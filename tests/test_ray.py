@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
 import signal
@@ -283,6 +284,42 @@ def test_cli_writes_one_file_per_input_file_and_resumes(session_dir: Path, tmp_p
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         f"part-{k}.parquet" for k in range(3)
     ]
+
+
+def test_cli_counts_and_reports_what_the_workers_did(session_dir: Path, tmp_path: Path) -> None:
+    """The run on Ray ends with the summary line of a run on one machine, and --report writes
+    its report: the workers' answers, calls and tokens, added up; a rerun is all cache hits."""
+    write_inputs(tmp_path / "in")  # 303 rows, 40 distinct texts
+    (tmp_path / "out").mkdir()
+    address = ray.get_runtime_context().gcs_address
+    reports = []
+    with FakeServer() as server:
+        for name in ("first", "rerun"):
+            before = server.stats().calls
+            done = cli_run(
+                [
+                    *("enrich", "in", "out", "--step", "a=Q {text}"),
+                    *("--base-url", server.base_url, "--report", f"{name}.json"),
+                    f"--ray={address}",
+                ],
+                tmp_path,
+            )
+            assert done.returncode == 0, done.stderr
+            report = json.loads((tmp_path / f"{name}.json").read_text())
+            reports.append((report, done.stderr, server.stats().calls - before))
+    (first, said, paid), (rerun, said_again, paid_again) = reports
+    assert paid == 40 and paid_again == 0  # each distinct prompt once, then nothing
+    assert first["rows"] == first["rows_done"] == first["answers"] == 303
+    assert first["calls"] == first["steps"][0]["requests"] == 40
+    assert first["prompt_tokens"] > 0 and first["steps"][0]["model"]
+    assert first["files_written"] == 3 and first["exit_code"] == 0
+    hits = first["cache_hits"]
+    assert f"303 answers for 303 rows x 1 step(s): {hits} from the cache, " in said
+    assert f"{303 - hits} asked in 40 calls" in said and "wrote 3 file(s)" in said
+    assert rerun["cache_hits"] == rerun["answers"] == 303
+    assert (rerun["calls"], rerun["prompt_tokens"]) == (0, 0)
+    assert rerun["cached_prompt_tokens"] == first["prompt_tokens"]
+    assert "303 from the cache, 0 asked in 0 calls" in said_again
 
 
 def test_cli_ray_flag_without_address(session_dir: Path, tmp_path: Path) -> None:
