@@ -1138,6 +1138,33 @@ def _f(value: float, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
+# The columns of a run against a latency (S1, S9, S11), after the columns that name it.
+LATENCY_HEADERS = [
+    "bound req/s",
+    "req/s",
+    "of bound",
+    "ceiling",
+    "wall s",
+    "CPU ms/req",
+    "calls",
+    "max in flight",
+]
+
+
+def _latency_cells(run: dict[str, Any], row: dict[str, Any], cpu_digits: int = 3) -> list[str]:
+    """A run's LATENCY_HEADERS cells; ``row`` is its scenario's (bound, ceiling)."""
+    return [
+        _f(row["bound_per_s"], 0),
+        _f(run["rate_per_s"]),
+        f"{run['share_of_bound']:.1%}",
+        f"{row['ceiling']:.1%}" if "ceiling" in row else "",
+        _f(run["wall_s"], 2),
+        _f(run["cpu_ms_per_request"], cpu_digits),
+        str(run["calls"]),
+        str(run["max_in_flight"]),
+    ]
+
+
 S2_RUNS = (
     "polars_llm",
     "polars_llm_asyncio",
@@ -1222,38 +1249,11 @@ def tables(results: dict[str, Any]) -> str:
                 if kind not in row:
                     continue
                 r = row[kind]
-                rows.append(
-                    [
-                        str(row["concurrency"]),
-                        r["client"],
-                        _f(row["bound_per_s"], 0),
-                        _f(r["rate_per_s"]),
-                        f"{r['share_of_bound']:.1%}",
-                        f"{row['ceiling']:.1%}" if "ceiling" in row else "",
-                        _f(r["wall_s"], 2),
-                        _f(r["cpu_ms_per_request"], 2),
-                        str(r["calls"]),
-                        str(r["max_in_flight"]),
-                    ]
-                )
+                rows.append([str(row["concurrency"]), r["client"], *_latency_cells(r, row, 2)])
         parts.append(
             f"S1: latency {s1['latency_s'] * 1000:.0f} ms ± {s1['jitter_s'] * 1000:.0f} ms, "
             f"N = {s1['n']:,} unique; the ceiling is what an ideal client reaches (``ceiling``)\n\n"
-            + _table(
-                [
-                    "C",
-                    "client",
-                    "bound req/s",
-                    "req/s",
-                    "of bound",
-                    "ceiling",
-                    "wall s",
-                    "CPU ms/req",
-                    "calls",
-                    "max in flight",
-                ],
-                rows,
-            )
+            + _table(["C", "client", *LATENCY_HEADERS], rows)
         )
     if s2 := results.get("s2"):
         rows = [
@@ -1365,37 +1365,13 @@ def tables(results: dict[str, Any]) -> str:
         )
     if s9 := results.get("s9"):
         rows = [
-            [
-                s9[k]["client"],
-                _f(s9["bound_per_s"], 0),
-                _f(s9[k]["rate_per_s"]),
-                f"{s9[k]['share_of_bound']:.1%}",
-                f"{s9['ceiling']:.1%}" if "ceiling" in s9 else "",
-                _f(s9[k]["wall_s"], 2),
-                _f(s9[k]["cpu_ms_per_request"], 3),
-                str(s9[k]["calls"]),
-                str(s9[k]["max_in_flight"]),
-            ]
+            [s9[k]["client"], *_latency_cells(s9[k], s9)]
             for k in ("cold", "reached", "bare")
             if k in s9
         ]
         parts.append(
             f"S9: C = {s9['concurrency']}, latency {s9['latency_s']:.0f} s ± 25 %, "
-            f"N = {s9['n']:,} unique\n\n"
-            + _table(
-                [
-                    "client",
-                    "bound req/s",
-                    "req/s",
-                    "of bound",
-                    "ceiling",
-                    "wall s",
-                    "CPU ms/req",
-                    "calls",
-                    "max in flight",
-                ],
-                rows,
-            )
+            f"N = {s9['n']:,} unique\n\n" + _table(["client", *LATENCY_HEADERS], rows)
         )
     if s11 := results.get("s11"):
         rows = [
@@ -1404,37 +1380,14 @@ def tables(results: dict[str, Any]) -> str:
                 f"{row['latency_s']:g}",
                 f"{row['n']:,}",
                 row[k]["client"],
-                _f(row["bound_per_s"], 0),
-                _f(row[k]["rate_per_s"]),
-                f"{row[k]['share_of_bound']:.1%}",
-                f"{row['ceiling']:.1%}",
-                _f(row[k]["wall_s"], 2),
-                _f(row[k]["cpu_ms_per_request"], 3),
-                str(row[k]["calls"]),
-                str(row[k]["max_in_flight"]),
+                *_latency_cells(row[k], row),
             ]
             for row in s11["rows"]
             for k in ("cold", "bare")
         ]
         parts.append(
             "S11: issue #15's latency scenarios as it states them, at a fixed latency\n\n"
-            + _table(
-                [
-                    "C",
-                    "L s",
-                    "N",
-                    "client",
-                    "bound req/s",
-                    "req/s",
-                    "of bound",
-                    "ceiling",
-                    "wall s",
-                    "CPU ms/req",
-                    "calls",
-                    "max in flight",
-                ],
-                rows,
-            )
+            + _table(["C", "L s", "N", "client", *LATENCY_HEADERS], rows)
         )
     if pace := pace_table(results):
         parts.append(pace)
