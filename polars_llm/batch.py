@@ -320,12 +320,33 @@ class Ledger:
             return set()
 
     def keep_unreported(self, keys: Iterable[str]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.unreported_path, "\n".join(sorted(keys)))
+        """Add ``keys`` to those kept (another run may keep its own in this folder too)."""
+        with self._unreported_locked() as kept:
+            kept.update(keys)
 
-    def forget_unreported(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.unreported_path.unlink()
+    def drop_unreported(self, keys: set[str]) -> None:
+        """``keys`` have been counted as paid: no later run counts them again."""
+        if self.unreported_path.exists():
+            with self._unreported_locked() as kept:
+                kept -= keys
+
+    @contextlib.contextmanager
+    def _unreported_locked(self) -> Iterator[set[str]]:
+        """The kept keys, to change under a lock of their own; written back atomically (the
+        file goes once none is left)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "unreported.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            kept = self.unreported()
+            before = set(kept)
+            yield kept
+            if kept == before:
+                return
+            if kept:
+                _write_atomic(self.unreported_path, "\n".join(sorted(kept)))
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self.unreported_path.unlink()
 
 
 # One thread that waits for other processes' ledger locks, so the event loop never does (and
@@ -547,7 +568,6 @@ class BatchSession:
         # at exit 75 sent and did not report (see Ledger.unreported).
         self.keys_sent: set[str] = set()
         self.carried_keys = self.ledger.unreported()
-        self.carried_counted = False
         self.progress = BatchProgress()
 
     # -- the engine's hook ---------------------------------------------------------------------
@@ -1141,6 +1161,9 @@ class BatchRun:
         # it) and not yet counted in a frame's tallies: their answers, read back from the
         # cache, were paid for rather than served from it.
         self.sent: set[str] = set()
+        # Keys counted as paid by this run (and those counted since settle_counted last ran).
+        self.counted: set[str] = set()
+        self.newly_counted: set[str] = set()
 
     def session(self, settings: Settings) -> BatchSession:
         """The session for the endpoint and cache folder of ``settings``."""
@@ -1157,19 +1180,21 @@ class BatchRun:
         return sum(s.lines_submitted for s in self.sessions.values())
 
     def keep_unreported(self) -> None:
-        """Stopping at exit 75, before any answer is counted: leave the keys this run sent (and
-        those it carried) in each ledger, for the run that reads their answers to count them as
-        paid."""
+        """Stopping at exit 75: leave the keys this run sent (and those it carried) and has not
+        counted in each ledger, for the run that reads their answers to count them as paid."""
         for s in self.sessions.values():
-            if s.keys_sent or s.carried_keys:
-                s.ledger.keep_unreported(s.keys_sent | s.carried_keys)
+            keys = (s.keys_sent | s.carried_keys) - self.counted
+            if keys:
+                s.ledger.keep_unreported(keys)
 
-    def forget_unreported(self) -> None:
-        """This run has counted what it carried: the ledgers need not keep it."""
-        for s in self.sessions.values():
-            if s.carried_keys and not s.carried_counted:
-                s.ledger.forget_unreported()
-                s.carried_counted = True
+    def settle_counted(self) -> None:
+        """The keys counted as paid since the last call are reported: no ledger keeps them."""
+        fresh, self.newly_counted = self.newly_counted - self.counted, set()
+        if not fresh:
+            return
+        self.counted |= fresh
+        for ledger in {s.ledger.folder: s.ledger for s in self.sessions.values()}.values():
+            ledger.drop_unreported(fresh)
 
 
 _run: contextvars.ContextVar[BatchRun | None] = contextvars.ContextVar(
@@ -1359,9 +1384,7 @@ def pipeline_in_rounds(
         stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + n
     stats.calls += run.lines_submitted - before
     _count_steps(stats, steps, ev, run)
-    # Counted: the keys carried from runs stopped at exit 75 are in this run's memory now (a
-    # later frame of the run still counts them), and no later run counts them again.
-    run.forget_unreported()
+    run.settle_counted()
     return ev.results, ev.errors
 
 
@@ -1392,6 +1415,7 @@ def _count_steps(
             _tally(tally, outcome, key, seen)
             tally.calls += tally.requests - requests  # one batch line per request
         run.sent -= paid
+        run.newly_counted |= paid
     sum_steps(stats)
     # The synchronous pipeline counts its cache hits as it goes; here the tallies have them.
     stats.cached = sum(t.cached for t in stats.steps.values())

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -81,3 +82,31 @@ def test_a_refused_line_raises_or_is_null_as_on_error_says() -> None:
         out = reviews().with_columns(s=pl.col("review").llm.complete(on_error="null", details=True))
         errors = out.get_column("s").struct.field("error").drop_nulls()
         assert errors.len() == 3 and "safety system" in errors[0]
+
+
+def test_keys_kept_at_a_pending_stop_are_counted_as_paid_once(tmp_path: Path) -> None:
+    """A run that does not wait stops at its pending batches, keeping their keys in the ledger;
+    the call that reads the answers counts them as paid and the ledger lets them go, so a later
+    run counts them as served from the cache."""
+    from polars_llm.batch import BatchPending, BatchRun, active
+    from polars_llm.pipeline import PipelineStats
+
+    steps = [Step("s", "Say {review}")]
+    with FakeServer(batch_seconds=1000) as server:
+        settings = Settings(
+            base_url=server.base_url, api_key="x", cache_dir=tmp_path / "c", batch=True
+        )
+        kept = tmp_path / "c" / "batches" / "unreported.keys"
+        run = BatchRun(wait=False)
+        with active(run), pytest.raises(BatchPending):
+            pipeline(reviews(), steps, settings=settings)
+        assert len(kept.read_text().split()) == 10
+        server.advance_batches(2000)
+        paid, later = PipelineStats(), PipelineStats()
+        with active(run):
+            pipeline(reviews(), steps, settings=settings, stats=paid)
+        assert not kept.exists()
+        pipeline(reviews(), steps, settings=settings, stats=later)
+        assert server.stats().batch_lines == 10
+    assert (paid.steps["s"].requests, paid.steps["s"].cached) == (10, 0)
+    assert (later.steps["s"].requests, later.steps["s"].cached) == (0, 29)
