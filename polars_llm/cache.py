@@ -414,7 +414,7 @@ class ResultCache:
                 except RuntimeError:  # shut down (a closed engine): its threads are gone
                     with contextlib.suppress(ValueError):
                         _readers.remove(reader)
-                except TimeoutError:  # busy with another cache's reads: a collection will do
+                except TimeoutError:  # busy with a long read: it closes after, a collection now
                     pass
         self._cache = None
 
@@ -701,7 +701,7 @@ _caches_lock = threading.Lock()
 # Threads of the engine's that read caches (see register_reader), and how long a released cache
 # waits for each to close its connection.
 _readers: list[concurrent.futures.Executor] = []
-_READER_CLOSE_WAIT = 1.0
+_READER_CLOSE_WAIT = 0.1
 
 
 def register_reader(executor: concurrent.futures.Executor) -> None:
@@ -720,15 +720,20 @@ def _forget_caches_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_caches_in_child)
 
 
-def _forget_gone_folders() -> None:
-    """Close the caches whose folder was deleted (a test's temporary folder, say). Each open
-    cache holds a writer thread and a connection per thread that used it (three files each):
-    a long-lived process that used many temporary folders would otherwise run out of file
-    descriptors."""
+def _take_gone_folders() -> list[tuple[Path, ResultCache]]:
+    """Under ``_caches_lock``: take out the caches whose folder was deleted (a test's temporary
+    folder, say), for ``_let_go`` once the lock is free."""
     gone = [path for path in _caches if not path.exists()]
-    for path in gone:
-        _caches.pop(path).release()
-    if gone and _holds_databases_in(gone):
+    return [(path, _caches.pop(path)) for path in gone]
+
+
+def _let_go(gone: list[tuple[Path, ResultCache]]) -> None:
+    """Close the caches of deleted folders. Each open cache holds a writer thread and a
+    connection per thread that used it (three files each): a long-lived process that used many
+    temporary folders would otherwise run out of file descriptors."""
+    for _, cache in gone:
+        cache.release()
+    if gone and _holds_databases_in([path for path, _ in gone]):
         # Connections that other threads opened (Polars' own, say) sit in a reference cycle
         # (sqlite3's statement cache): only a collection closes them. It costs tens of
         # milliseconds in a large process, before the first request of the call that opens
@@ -758,8 +763,11 @@ def open_cache(directory: Path | str) -> ResultCache:
     """The process-wide ResultCache for a folder, opened on first use."""
     path = Path(directory).expanduser().resolve()
     with _caches_lock:
-        _forget_gone_folders()
+        gone = _take_gone_folders()
         cache = _caches.get(path)
         if cache is None:
             cache = _caches[path] = ResultCache(path)
-        return cache
+    # Outside the lock: closing waits a moment for the engine's cache-read thread, and other
+    # threads' calls need not wait with it.
+    _let_go(gone)
+    return cache
