@@ -62,6 +62,8 @@ MAX_ANSWER_BYTES = 256 * 1024 * 1024
 DEFAULT_BATCH_SIZE = 1024
 # Ray CPUs each worker asks for: it waits on the network, it does not compute.
 WORKER_CPUS = 0.25
+# Seconds the driver waits for the workers' numbers once the job is over.
+TALLY_WAIT = 30.0
 
 
 class RayJobError(PolarsLLMError):
@@ -358,18 +360,22 @@ class _Enrich:
         )
         assert isinstance(df, pl.DataFrame)
         stats = PipelineStats()
-        enriched = pipeline(
-            df,
-            self.steps,
-            settings=self.settings,
-            on_error="null",
-            progress=lambda _: None,
-            stats=stats,
-        )
-        if self.tally is not None:
-            # Counted before the batch is handed on: the driver, once it has every batch, has
-            # every batch's numbers.
-            ray.get(self.tally.add.remote(stats))
+        try:
+            enriched = pipeline(
+                df,
+                self.steps,
+                settings=self.settings,
+                on_error="null",
+                progress=lambda _: None,
+                stats=stats,
+            )
+        finally:
+            if self.tally is not None:
+                # Counted before the batch is handed on (the driver, once it has every batch,
+                # has every batch's numbers), and the calls of a batch that failed too. A lost
+                # tally costs the numbers, not the job.
+                with contextlib.suppress(RayError):
+                    ray.get(self.tally.add.remote(stats))
         added = enriched.select([*self.names, ERROR_COLUMN]).to_arrow()
         for field, column in zip(added.schema, added.columns, strict=True):
             table = table.append_column(field, column)
@@ -477,10 +483,6 @@ class RayRun(EnrichRun):
         """What a stopped run left at the output: nothing (the outputs move together)."""
         return f"nothing was written to {self.output}"
 
-    def rerun_hint(self) -> str:
-        """What rerunning the same command does with the answers received so far."""
-        return "a rerun reuses the answers received so far, which are cached"
-
     def run(self, steps: list[Step], settings: Settings) -> None:
         """Check the folders and the steps, then enrich every file and write the outputs."""
         from .enrich import _check_against_input, _check_folder, _check_report_path
@@ -488,6 +490,7 @@ class RayRun(EnrichRun):
         from .prices import load_prices
 
         self.steps, self.settings = steps, settings
+        self.caching = settings.cache_path() is not None
         self.price_table = load_prices(self.prices)
         if self.report is not None:
             _check_report_path(self.report, self.input, self.output)
@@ -521,6 +524,7 @@ class RayRun(EnrichRun):
         ctx.raise_original_map_exception = True  # our errors, not Ray's UserCodeException
         ds = ray.data.read_parquet([str(f.resolve()) for f in files])
         tally: Any = ray.remote(num_cpus=0)(RunTally).remote()
+        counted: PipelineStats | None = None
         try:
             out = _enrich(
                 ds, steps, settings, None, min(self.batch_size, DEFAULT_BATCH_SIZE), tally, {}
@@ -528,14 +532,21 @@ class RayRun(EnrichRun):
             try:
                 self._write(out, files, rows)
             finally:
-                # What the workers counted, for the numbers and the report, even of a failed run.
-                with contextlib.suppress(RayError):
-                    self.stats = ray.get(tally.total.remote())
+                # What the workers counted, for the numbers and the report, even of a failed
+                # run; never in place of the run's own error.
+                with contextlib.suppress(Exception):
+                    counted = ray.get(tally.total.remote(), timeout=TALLY_WAIT)
         finally:
-            ray.kill(tally)
+            with contextlib.suppress(Exception):
+                ray.kill(tally)
+            if counted is not None:
+                self.stats = counted
         from .enrich import say
 
-        say(self._numbers())
+        if counted is None:
+            say("the workers' numbers were lost with the job's tally actor; the output is whole")
+        else:
+            say(self._numbers())
         failed = self.stats.rows_failed
         tail = f", {failed} failed (see {ERROR_COLUMN})" if failed else ""
         say(f"wrote {len(files)} file(s) to {output_dir}: {self.total_rows} rows{tail}")
