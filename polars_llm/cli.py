@@ -577,25 +577,27 @@ def _ray_run(
     report: Path | None,
     prices: str | None,
 ) -> Any:
-    """The run of ``enrich --ray`` (polars_llm.ray.RayRun)."""
+    """The run of ``enrich --ray`` (polars_llm.ray.RayRun).
+
+    A dry run sends nothing, so it needs no cluster: the plan of the input folder is made here,
+    from this machine's cache folder, as without --ray.
+    """
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "max_failed_rows": max_failed_rows,
+        "max_failed_rate": max_failed_rate,
+        "dry_run": dry_run,
+        "report": report,
+        "progress": None,
+        "prices": prices,
+    }
     if dry_run:
-        raise click.UsageError("--dry-run does not run on Ray yet; drop --ray for it")
+        return EnrichRun(input=str(input_path), output=str(output_path), **options)
     try:
         from .ray import RayRun
     except ConfigError as e:  # Ray is not installed
         raise click.UsageError(str(e)) from e
-    return RayRun(
-        input=input_path,
-        output=output_path,
-        address=address or None,
-        batch_size=batch_size,
-        max_failed_rows=max_failed_rows,
-        max_failed_rate=max_failed_rate,
-        dry_run=False,
-        report=report,
-        progress=None,
-        prices=prices,
-    )
+    return RayRun(input=input_path, output=output_path, address=address or None, **options)
 
 
 def _run_enrich(run: EnrichRun, opts: _StepOptions) -> int:

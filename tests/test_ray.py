@@ -322,6 +322,24 @@ def test_cli_counts_and_reports_what_the_workers_did(session_dir: Path, tmp_path
     assert "303 from the cache, 0 asked in 0 calls" in said_again
 
 
+def test_cli_dry_run_with_ray_plans_the_folder_without_a_cluster(tmp_path: Path) -> None:
+    """--dry-run --ray sends nothing, starts no Ray and writes nothing: the plan of the input
+    folder, as a dry run without --ray prints it."""
+    write_inputs(tmp_path / "in")  # 303 rows in 3 files
+    (tmp_path / "out").mkdir()
+    with FakeServer() as server:
+        args = ["enrich", "in", "out", "--step", "a=Q {text}", "--base-url", server.base_url]
+        planned = cli_run([*args, "--dry-run", "--ray"], tmp_path)
+        local = cli_run([*args, "--dry-run"], tmp_path)
+        assert server.stats().calls == 0
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout == local.stdout  # the same plan
+    row = next(line.split() for line in planned.stdout.splitlines() if line.startswith("a "))
+    assert row[2] == "303"  # prompts
+    assert list((tmp_path / "out").iterdir()) == []
+    assert not ray.is_initialized()
+
+
 def test_cli_ray_flag_without_address(session_dir: Path, tmp_path: Path) -> None:
     """`--ray` as the last option takes no address (here the cluster already joined)."""
     write_inputs(tmp_path / "in", files=1)
