@@ -1161,9 +1161,8 @@ class BatchRun:
         # it) and not yet counted in a frame's tallies: their answers, read back from the
         # cache, were paid for rather than served from it.
         self.sent: set[str] = set()
-        # Keys counted as paid by this run (and those counted since settle_counted last ran).
+        # Keys counted as paid by this run.
         self.counted: set[str] = set()
-        self.newly_counted: set[str] = set()
 
     def session(self, settings: Settings) -> BatchSession:
         """The session for the endpoint and cache folder of ``settings``."""
@@ -1187,9 +1186,9 @@ class BatchRun:
             if keys:
                 s.ledger.keep_unreported(keys)
 
-    def settle_counted(self) -> None:
-        """The keys counted as paid since the last call are reported: no ledger keeps them."""
-        fresh, self.newly_counted = self.newly_counted - self.counted, set()
+    def settle_counted(self, paid: set[str]) -> None:
+        """The keys a frame counted as paid are reported: no ledger keeps them."""
+        fresh = paid - self.counted
         if not fresh:
             return
         self.counted |= fresh
@@ -1383,21 +1382,21 @@ def pipeline_in_rounds(
     for reason, n in ev.failed_by_reason.items():
         stats.failures_by_reason[reason] = stats.failures_by_reason.get(reason, 0) + n
     stats.calls += run.lines_submitted - before
-    _count_steps(stats, steps, ev, run)
-    run.settle_counted()
+    run.settle_counted(_count_steps(stats, steps, ev, run))
     return ev.results, ev.errors
 
 
 def _count_steps(
     stats: PipelineStats, steps: Sequence[Step], ev: Evaluation, run: BatchRun
-) -> None:
+) -> set[str]:
     """Each step's tallies, as the synchronous pipeline counts them: an answer per row, a
     request per key this run's batches sent (one line each), tokens once per key, as paid or as
     served from the cache. A key sent by this run counts as paid in the first frame that reads
     it back, and as cached in later frames (as a prompt repeated across a synchronous run's
-    streaming batches is)."""
+    streaming batches is). Returns the keys counted as paid."""
     from .pipeline import StepStats, _tally, sum_steps
 
+    counted: set[str] = set()
     for step, batch, answered in zip(steps, ev.batches, ev.answered, strict=True):
         tally = stats.steps.setdefault(step.name, StepStats())
         tally.endpoint, tally.model = batch.base_url, batch.model
@@ -1415,10 +1414,11 @@ def _count_steps(
             _tally(tally, outcome, key, seen)
             tally.calls += tally.requests - requests  # one batch line per request
         run.sent -= paid
-        run.newly_counted |= paid
+        counted |= paid
     sum_steps(stats)
     # The synchronous pipeline counts its cache hits as it goes; here the tallies have them.
     stats.cached = sum(t.cached for t in stats.steps.values())
+    return counted
 
 
 def enrich_frame(
