@@ -201,12 +201,12 @@ class Limiter:
 
     async def _look_around(self) -> None:
         """Before the first request: probe if others may burst beside us (see the class doc)."""
-        if self._presence is None:
-            if self._alone:
-                self._presence = asyncio.get_running_loop().create_future()
-                self._presence.set_result(None)
-                return
-            self._presence = asyncio.ensure_future(self._ask_presence())
+        if self._presence is None and self._alone:
+            self._presence = asyncio.get_running_loop().create_future()
+            self._presence.set_result(None)
+            return
+        self.look_around_soon()
+        assert self._presence is not None
         await asyncio.shield(self._presence)
 
     async def _ask_presence(self) -> None:
