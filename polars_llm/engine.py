@@ -836,14 +836,16 @@ def _map_unique(
     keys, raws = batch.lookup_raw(texts)
     # Cached plain-text answers are decoded as columns; anything else entry by entry. A first
     # run has nothing to decode: its first request goes out without a pass over the misses.
-    any_cached = raws.count(None) < len(raws)
-    table = batch.decode_columns(raws) if any_cached else None
-    in_table = [False] * len(raws) if table is None else table.get_column("hit").to_list()
-    found = (
-        batch.decode_raws([None if hit else raw for hit, raw in zip(in_table, raws, strict=True)])
-        if any_cached
-        else [None] * len(raws)
-    )
+    table: pl.DataFrame | None = None
+    in_table = [False] * len(raws)
+    found: list[Outcome | None] = [None] * len(raws)
+    if raws.count(None) < len(raws):
+        table = batch.decode_columns(raws)
+        if table is not None:
+            in_table = table.get_column("hit").to_list()
+        found = batch.decode_raws(
+            [None if hit else raw for hit, raw in zip(in_table, raws, strict=True)]
+        )
     # What is not in the table: cached entries of another shape, then the answers sent.
     known = {i: o for i, o in enumerate(found) if o is not None}
     misses = [i for i, o in enumerate(found) if o is None and not in_table[i]]
