@@ -701,6 +701,30 @@ class GroupsSeen(InProcessState):
         return await super().claim_many(keys, ttl)
 
 
+async def enter_planned(
+    home: SharedState, window: int, keys: int, request: float = 0.0
+) -> tuple[ClaimGate[str], list[str]]:
+    """A batch of ``keys`` planned keys, entered one by one through a gate of ``window`` (no
+    answer found anywhere), each request taking ``request`` seconds; the gate, closed, and the
+    state each key got."""
+
+    async def find_many(found: list[str]) -> list[str | None]:
+        return [None] * len(found)
+
+    gate: ClaimGate[str] = ClaimGate(home, find_many, window=window)
+    planned = [f"k{i}" for i in range(keys)]
+    gate.plan(planned)
+    states = []
+    for key in planned:
+        state, _ = await gate.enter(key)
+        states.append(state)
+        gate.leave(key, answered=True)
+        if request:
+            await asyncio.sleep(request)
+    gate.close()
+    return gate, states
+
+
 @pytest.mark.parametrize("claim_seconds", [0.0, 0.05])
 def test_a_gate_asks_further_ahead_while_requests_wait_for_their_claims(
     claim_seconds: float,
@@ -711,20 +735,7 @@ def test_a_gate_asks_further_ahead_while_requests_wait_for_their_claims(
 
     async def main() -> tuple[int, int, list[str]]:
         home = GroupsSeen(claim_seconds)
-
-        async def find_many(keys: list[str]) -> list[str | None]:
-            return [None] * len(keys)
-
-        gate: ClaimGate[str] = ClaimGate(home, find_many, window=4)
-        keys = [f"k{i}" for i in range(400)]
-        gate.plan(keys)
-        states = []
-        for key in keys:
-            state, _ = await gate.enter(key)
-            states.append(state)
-            gate.leave(key, answered=True)
-            await asyncio.sleep(0.001)  # the request
-        gate.close()
+        gate, states = await enter_planned(home, window=4, keys=400, request=0.001)
         return gate._window, len(home.groups), states
 
     window, round_trips, states = run(main)
@@ -744,19 +755,7 @@ def test_a_gates_first_round_trip_is_small_and_the_next_ones_grow() -> None:
 
     async def main() -> tuple[list[int], list[str]]:
         home = GroupsSeen()
-
-        async def find_many(keys: list[str]) -> list[str | None]:
-            return [None] * len(keys)
-
-        gate: ClaimGate[str] = ClaimGate(home, find_many, window=512)
-        keys = [f"k{i}" for i in range(2000)]
-        gate.plan(keys)
-        states = []
-        for key in keys:
-            state, _ = await gate.enter(key)
-            states.append(state)
-            gate.leave(key, answered=True)
-        gate.close()
+        _, states = await enter_planned(home, window=512, keys=2000)
         return home.groups, states
 
     groups, states = run(main)
